@@ -1,0 +1,21 @@
+"""Exceptions hessdist raises; each message names the fix."""
+
+
+class HessdistError(Exception):
+    """Base class of every error hessdist raises on purpose."""
+
+
+class InputError(HessdistError, ValueError):
+    """Bad input: wrong shapes, empty data, unresolvable import path, bad options."""
+
+
+class NonFiniteError(HessdistError, FloatingPointError):
+    """The loss or a curvature product is NaN or infinite."""
+
+
+class NonDeterministicError(HessdistError):
+    """Two products of the same vector differ: the operator is not a fixed linear map."""
+
+
+class WorkerError(HessdistError, RuntimeError):
+    """A worker died or timed out more often than the retry budget allows, or could not start."""

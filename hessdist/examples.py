@@ -1,0 +1,119 @@
+"""Built-in model+data pairs for ``--example NAME``: real offline data where it exists.
+
+* ``digits-mlp`` / ``digits-cnn``: scikit-learn's bundled 8×8 digits (1,797 real images),
+  networks trained for a few seconds, deterministically, so the Hessian is a trained network's.
+* ``resnet18-cifar``: ResNet-18 on CIFAR-10 read from ``root`` in its standard python-pickle
+  format (``cifar-10-batches-py/data_batch_1..5``) when present; otherwise a SYNTHETIC
+  CIFAR-shaped set, which every output says loudly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import models
+from .data import strided_shard
+from .errors import InputError
+
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A model factory, a data factory (``rank``/``world_size`` keywords), a loss, and an optional
+    deterministic training run that turns the factory's model into a trained one."""
+
+    model: Callable[[], nn.Module]
+    data: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    loss: str
+    train: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], None] | None
+    description: str
+
+
+def digits(rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as float32 inputs in [0, 1] (flattened 8×8) and int64 labels."""
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+    data = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+    return strided_shard(data, rank, world_size)
+
+
+def train_full_batch(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], steps: int = 300,
+                     lr: float = 0.01, seed: int = 0) -> None:
+    """Deterministic full-batch Adam on cross-entropy: a trained network in a few seconds."""
+    torch.manual_seed(seed)
+    x, y = data
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def cifar10_dir(root: str | None) -> str | None:
+    """The ``cifar-10-batches-py`` folder under ``root`` (or ``root`` itself), if present."""
+    for d in ([root, os.path.join(root, "cifar-10-batches-py")] if root else []):
+        if os.path.isfile(os.path.join(d, "data_batch_1")):
+            return d
+    return None
+
+
+def cifar10(rank: int = 0, world_size: int = 1, root: str | None = None, n_samples: int | None = None,
+            train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 (normalised NCHW float32, int64 labels) from ``root`` in the standard pickle format,
+    or — when absent — a synthetic CIFAR-shaped set (fixed seed, labels from a random linear
+    teacher so the loss has structure). ``n_samples`` takes the first samples only."""
+    d = cifar10_dir(root)
+    if d is None:
+        n = n_samples or 50_000
+        gen = torch.Generator().manual_seed(1234)
+        x = torch.randn(n, 3, 32, 32, generator=gen)
+        teacher = torch.randn(3 * 32 * 32, 10, generator=gen)
+        y = (x.reshape(n, -1) @ teacher).argmax(1)
+    else:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        xs, ys = [], []
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8))
+            ys.extend(batch[b"labels"])
+        raw = np.concatenate(xs)[:n_samples].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+        x = torch.from_numpy((raw - CIFAR_MEAN[:, None, None]) / CIFAR_STD[:, None, None])
+        y = torch.tensor(ys[: len(x)], dtype=torch.int64)
+    return strided_shard((x, y), rank, world_size)
+
+
+EXAMPLES: dict[str, Example] = {
+    "digits-mlp": Example(models.digits_mlp, digits, "cross_entropy", train_full_batch,
+                          "64-32-10 tanh MLP (2,410 parameters) on scikit-learn's digits (1,797 real images)"),
+    "digits-cnn": Example(models.digits_cnn, digits, "cross_entropy",
+                          functools.partial(train_full_batch, steps=150),
+                          "2-layer CNN with BatchNorm (eval) (4,010 parameters) on scikit-learn's digits"),
+    "resnet18-cifar": Example(models.resnet18_cifar, cifar10, "cross_entropy", None,
+                              "ResNet-18 (CIFAR variant, 11.2M parameters) on CIFAR-10 from --data-root, "
+                              "else SYNTHETIC CIFAR-shaped data"),
+}
+
+
+def get_example(name: str, data_root: str | None = None, n_samples: int | None = None) -> Example:
+    """The named example, with its data factory bound to ``data_root`` / ``n_samples``."""
+    if name not in EXAMPLES:
+        raise InputError(f"unknown example {name!r}; choose one of {sorted(EXAMPLES)}")
+    ex = EXAMPLES[name]
+    if name == "resnet18-cifar":
+        return Example(ex.model, functools.partial(cifar10, root=data_root, n_samples=n_samples),
+                       ex.loss, ex.train, ex.description)
+    if n_samples is not None:
+        raise InputError("--n-samples applies to resnet18-cifar only; the digits examples use all 1,797 images")
+    return ex

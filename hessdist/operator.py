@@ -1,0 +1,74 @@
+"""The symmetric linear-operator interface every curvature operator offers, in-process or
+distributed: ``A @ v``, ``A.matmat(V)``, ``A.to_scipy()``, and a Krylov basis for the solvers."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
+
+    from .solvers.krylov import KrylovBasis
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+class Operator(ABC):
+    """A symmetric n×n operator. Subclasses implement ``_matmat`` on float64 (n, k) tensors.
+
+    Vectors are float64 at the interface whatever precision the products run in, so the
+    solvers' recurrences and projected problems are float64 throughout."""
+
+    n: int
+    #: full-dataset products computed so far, one per column of a block
+    hvps: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    @abstractmethod
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Product with the columns of a float64 tensor V of shape (n, k), on V's device."""
+
+    def matmat(self, V: Array) -> Array:
+        """A @ V for V of shape (n, k); returns the same array type (and device) as V, in float64."""
+        as_numpy = isinstance(V, np.ndarray)
+        T = torch.as_tensor(V)
+        if T.ndim != 2 or T.shape[0] != self.n:
+            raise InputError(f"expected a block of shape ({self.n}, k), got {tuple(T.shape)}; vectors must "
+                             f"have one entry per selected parameter (n = {self.n})")
+        out = self._matmat(T.to(torch.float64))
+        self.hvps += T.shape[1]
+        return out.cpu().numpy() if as_numpy else out.to(T.device)
+
+    def matvec(self, v: Array) -> Array:
+        """A @ v for a vector of length n."""
+        if v.ndim != 1 or v.shape[0] != self.n:
+            raise InputError(f"expected a vector of length n = {self.n}, got shape {tuple(v.shape)}")
+        return self.matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, V: Array) -> Array:
+        return self.matvec(V) if V.ndim == 1 else self.matmat(V)
+
+    def to_scipy(self) -> "LinearOperator":
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64, symmetric) over the same products."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v):
+            return self.matvec(np.asarray(v, dtype=np.float64).reshape(-1))
+
+        def mm(V):
+            return self.matmat(np.asarray(V, dtype=np.float64))
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+    def krylov_basis(self) -> "KrylovBasis":
+        """A fresh Krylov basis over this operator, held where the products are computed."""
+        from .solvers.krylov import LocalKrylovBasis
+        return LocalKrylovBasis(self)
