@@ -140,7 +140,7 @@ class CurvatureOperator(Operator):
 
         def column(t):
             jv = jvp(lambda q: self._outputs(q, x), (p,), (t,))[1]
-            return pullback(jvp(loss_grad, (out,), (jv,))[1])
+            return pullback(jvp(loss_grad, (out,), (jv,))[1])[0]
 
         return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
 
@@ -174,7 +174,7 @@ class CurvatureOperator(Operator):
         scale = max(1.0, float(theta.norm()))
         rows = []
         for t in T:
-            h = torch.finfo(self.dtype).eps ** (1 / 3) * scale / max(float(t.norm()), 1e-300)
+            h = torch.finfo(self.dtype).eps ** 0.5 * scale / max(float(t.norm()), 1e-300)
             plus = self.layout.flatten(g(self.layout.unflatten(theta + h * t), x, y))
             minus = self.layout.flatten(g(self.layout.unflatten(theta - h * t), x, y))
             rows.append((plus.to(torch.float64) - minus.to(torch.float64)) / (2 * h))
@@ -193,7 +193,12 @@ class CurvatureOperator(Operator):
         """One gradient on the first batch: the loss is finite and every parameter is used."""
         x, y = self.batches.batches[0]
         q = self._leaves(self.layout.gather(self.model))
-        loss = self._batch_loss_sum(q, x, y)
+        try:
+            loss = self._batch_loss_sum(q, x, y)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
+                             f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
+                             "input shape and that the loss fits its outputs") from exc
         if loss.ndim != 0:
             raise InputError(f"the loss must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
         self._check_finite(loss, 0, "loss")

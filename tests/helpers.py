@@ -1,0 +1,104 @@
+"""Small real models and dense float64 references built independently of hessdist's operator:
+the full-dataset loss in ONE batch, differentiated by ``torch.func.hessian``; the GGN from the
+closed-form softmax Hessian and ``jacrev`` Jacobians."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from hessdist.examples import digits, train_full_batch
+from hessdist.models import ResNet
+
+torch.set_default_dtype(torch.float64)
+
+
+def digits_subset(n: int = 120):
+    x, y = digits()
+    return x[:n].double(), y[:n]
+
+
+def mlp(seed: int = 0, hidden: int = 12, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, hidden), nn.Tanh()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(hidden, 10)]
+    return nn.Sequential(*layers).double()
+
+
+def cnn_bn(seed: int = 0) -> nn.Module:
+    """Conv+BN+ReLU ×2 with running statistics set by a few train-mode passes, then eval."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64, 10)).double()
+    return _with_running_stats(model)
+
+
+def resnet_small(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), ResNet(blocks=(1, 1), width=3, in_channels=1)).double()
+    return _with_running_stats(model)
+
+
+def _with_running_stats(model: nn.Module) -> nn.Module:
+    x, _ = digits()
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(x[i * 300:(i + 1) * 300].double())
+    return model.eval()
+
+
+def trained_digits_mlp(hidden: int = 16) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A trained digits MLP: its Hessian has λ_max ≫ |λ_min| with λ_min a tiny negative number."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+    data = digits()
+    train_full_batch(model, data, steps=300)
+    return model.double().eval(), (data[0].double(), data[1])
+
+
+def _flat_loss_fn(model: nn.Module, loss, x, y):
+    model = copy.deepcopy(model).double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(t):
+        return {n: c.reshape(s) for n, c, s in zip(names, t.split([s.numel() for s in shapes]), shapes)}
+
+    def outputs(t):
+        return functional_call(model, {**buffers, **unflat(t)}, (x,))
+
+    return theta, outputs, (lambda t: loss(outputs(t), y))
+
+
+def dense_hessian(model: nn.Module, x, y, loss=F.cross_entropy) -> np.ndarray:
+    theta, _, f = _flat_loss_fn(model, loss, x, y)
+    return jacrev(jacrev(f))(theta).numpy()
+
+
+def dense_ggn_cross_entropy(model: nn.Module, x, y) -> np.ndarray:
+    """(1/N) Σ_i J_iᵀ (diag(p_i) − p_i p_iᵀ) J_i with the softmax Hessian in closed form."""
+    theta, outputs, _ = _flat_loss_fn(model, F.cross_entropy, x, y)
+    J = jacrev(outputs)(theta)                       # (N, C, n)
+    p = torch.softmax(outputs(theta), dim=1).detach()
+    H_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return (torch.einsum("icn,icd,idm->nm", J, H_out, J) / len(x)).numpy()
+
+
+MODELS = {"mlp": mlp, "cnn_bn": cnn_bn, "resnet": resnet_small}
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str):
+    """(model, dense Hessian, dense GGN) on ``digits_subset()``, computed once per test session."""
+    model = MODELS[name]()
+    data = digits_subset()
+    return model, dense_hessian(model, *data), dense_ggn_cross_entropy(model, *data)

@@ -1,0 +1,199 @@
+"""The curvature operator against dense float64 Hessians/GGNs built independently."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hessdist.errors import InputError, NonDeterministicError, NonFiniteError
+from hessdist.hvp import CurvatureOperator
+from hessdist.params import ParameterLayout, load_state
+
+from .helpers import MODELS, digits_subset, mlp, reference
+
+DATA = digits_subset()          # 120 samples, batch 32: three full batches and one of 24
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model_and_dense(request):
+    return (request.param, *reference(request.param))
+
+
+def block(n, k=3, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, k))
+
+
+@pytest.mark.parametrize("mode", ["forward", "double-backward"])
+def test_hessian_products_match_dense(model_and_dense, mode):
+    _, model, H, _ = model_and_dense
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64, mode=mode)
+    assert [len(y) for _, y in op.batches] == [32, 32, 32, 24]
+    V = block(op.n)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    v = torch.from_numpy(V[:, 0])
+    np.testing.assert_allclose((op @ v).numpy(), H @ V[:, 0], rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    assert op.hvps == 4
+
+
+@pytest.mark.parametrize("mode", ["forward", "double-backward"])
+def test_ggn_products_match_closed_form(model_and_dense, mode):
+    _, model, _, G = model_and_dense
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64,
+                           curvature="ggn", mode=mode)
+    V = block(op.n)
+    np.testing.assert_allclose(op.matmat(V), G @ V, rtol=0, atol=1e-11 * np.abs(G @ V).max())
+
+
+def test_ggn_is_psd_and_differs_from_hessian(model_and_dense):
+    _, _, H, G = model_and_dense
+    assert np.linalg.eigvalsh(G).min() > -1e-12 * np.abs(G).max()
+    assert np.abs(H - G).max() > 1e-6 * np.abs(H).max()
+
+
+def test_finite_difference_error_is_small_and_measured(model_and_dense):
+    _, model, H, _ = model_and_dense
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64,
+                           mode="finite-difference")
+    V = block(op.n, k=2)
+    err = np.abs(op.matmat(V) - H @ V).max() / np.abs(H @ V).max()
+    assert err < 1e-7          # documented: about 1e-8 in float64 with h = sqrt(eps)·max(1, ‖θ‖)
+    assert err > 1e-14         # it is a real finite difference, not an exact product
+
+
+def test_finite_difference_float32_on_a_smooth_model():
+    model = mlp()
+    H = reference("mlp")[1]
+    op = CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float32, mode="finite-difference")
+    V = block(op.n, k=2)
+    assert np.abs(op.matmat(V) - H @ V).max() / np.abs(H @ V).max() < 2e-3   # documented: ~2e-4
+
+
+def test_weighting_is_by_sample_not_by_batch():
+    """A batch size that leaves a 1-sample last batch gives the same full-dataset mean."""
+    model, H, _ = reference("mlp")
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=119, dtype=torch.float64)
+    assert [len(y) for _, y in op.batches] == [119, 1]
+    V = block(op.n, 2)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+
+
+def test_closed_form_logistic_regression():
+    """Linear softmax model: H = (1/N) Σ (diag p − ppᵀ) ⊗ x̃x̃ᵀ in (weight row-major, bias) order."""
+    torch.manual_seed(3)
+    x, y = digits_subset(200)
+    model = nn.Linear(64, 10).double()
+    op = CurvatureOperator(model, "cross_entropy", (x, y), batch_size=50, dtype=torch.float64)
+    p = torch.softmax(model(x), 1).detach().numpy()
+    X = x.numpy()
+    H_out = np.einsum("ic,cd->icd", p, np.eye(10)) - p[:, :, None] * p[:, None, :]
+    Hw = np.einsum("icd,ij,ik->cjdk", H_out, X, X).reshape(640, 640) / len(X)
+    Hwb = np.einsum("icd,ij->cjd", H_out, X).reshape(640, 10) / len(X)
+    Hb = H_out.mean(0)
+    H = np.block([[Hw, Hwb], [Hwb.T, Hb]])
+    V = block(op.n, 2)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-12 * np.abs(H @ V).max())
+
+
+def test_float32_products_close_to_float64():
+    model, H, _ = reference("cnn_bn")
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float32)
+    V = block(op.n, 2)
+    err = np.abs(op.matmat(V) - H @ V).max() / np.abs(H @ V).max()
+    assert err < 1e-4
+
+
+def test_parameter_subset_and_order():
+    model, H, _ = reference("mlp")
+    layout = ParameterLayout.of(model, ["2.*"])
+    assert layout.names == ("2.weight", "2.bias") and layout.n == 130
+    op = CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float64, params=["2.*"])
+    V = block(op.n, 2)
+    sub = H[-130:, -130:]
+    np.testing.assert_allclose(op.matmat(V), sub @ V, rtol=0, atol=1e-11 * np.abs(sub @ V).max())
+    with pytest.raises(InputError, match="matches no trainable parameter"):
+        ParameterLayout.of(model, ["nope.*"])
+
+
+def test_determinism_check_fires_on_dropout_in_train_mode():
+    model = mlp(dropout=0.3).train()
+    op = CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float64, eval_mode=False)
+    with pytest.raises(NonDeterministicError, match="eval"):
+        op.check_determinism()
+    # the same model, put in eval mode by default, passes
+    CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float64).check_determinism()
+
+
+def test_determinism_check_fires_on_double_backward_dropout_too():
+    op = CurvatureOperator(mlp(dropout=0.3).train(), "cross_entropy", DATA, dtype=torch.float64,
+                           eval_mode=False, mode="double-backward")
+    with pytest.raises(NonDeterministicError):
+        op.check_determinism()
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_nan_loss_is_reported():
+    x, y = DATA
+    x = x.clone()
+    x[5, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN"):
+        CurvatureOperator(mlp(), "cross_entropy", (x, y), dtype=torch.float64)
+    x2 = DATA[0].clone()
+    x2[100, 0] = float("inf")      # in a later batch: caught by the product
+    op = CurvatureOperator(mlp(), "cross_entropy", (x2, y), batch_size=32, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="batch 3"):
+        op.matmat(block(op.n, 1))
+
+
+class WithUnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 10)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_unused_parameters_are_reported():
+    with pytest.raises(InputError, match="unused.weight"):
+        CurvatureOperator(WithUnusedHead(), "cross_entropy", digits_subset(50))
+    op = CurvatureOperator(WithUnusedHead(), "cross_entropy", digits_subset(50), params=["body.*"])
+    assert op.n == 650
+
+
+def test_model_data_shape_mismatch_is_reported():
+    with pytest.raises(InputError, match=r"first batch.*\(32, 64\)"):
+        CurvatureOperator(nn.Linear(10, 10), "cross_entropy", digits_subset(50), batch_size=32)
+
+
+def test_bad_shapes_and_empty_data():
+    op = CurvatureOperator(mlp(), "cross_entropy", DATA, dtype=torch.float64)
+    with pytest.raises(InputError, match="one entry per selected parameter"):
+        op.matmat(np.zeros((op.n + 1, 2)))
+    with pytest.raises(InputError, match="vector of length"):
+        op.matvec(np.zeros(op.n - 1))
+    with pytest.raises(InputError, match="empty"):
+        CurvatureOperator(mlp(), "cross_entropy", (DATA[0][:0], DATA[1][:0]))
+    with pytest.raises(InputError, match="differ in length"):
+        CurvatureOperator(mlp(), "cross_entropy", (DATA[0], DATA[1][:10]))
+    with pytest.raises(InputError, match="unknown loss"):
+        CurvatureOperator(mlp(), "hinge", DATA)
+
+
+def test_checkpoint_mismatch_is_reported():
+    model = mlp()
+    state = mlp(hidden=13).state_dict()
+    with pytest.raises(InputError, match="shape mismatch.*0.weight"):
+        load_state(model, state)
+    state = dict(model.state_dict())
+    state.pop("2.bias")
+    state["extra"] = torch.zeros(1)
+    with pytest.raises(InputError, match="missing keys.*2.bias.*unexpected keys.*extra"):
+        load_state(model, state)
+
+
+def test_to_scipy_operator():
+    model, H, _ = reference("mlp")
+    A = CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float64).to_scipy()
+    V = block(A.shape[0], 2)
+    np.testing.assert_allclose(A @ V, H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    np.testing.assert_allclose(A.matvec(V[:, 0]), H @ V[:, 0], rtol=0, atol=1e-11 * np.abs(H @ V).max())
