@@ -18,7 +18,9 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error; integer class targets are one-hot encoded to the output width."""
     if not targets.is_floating_point():
         targets = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
-    return F.mse_loss(outputs, targets.reshape(outputs.shape))
+    # written out rather than F.mse_loss, whose forward-over-reverse derivative hits a
+    # "ZeroTensors are immutable" error in torch.func
+    return ((outputs - targets.reshape(outputs.shape)) ** 2).mean()
 
 
 LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": mse}

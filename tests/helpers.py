@@ -58,9 +58,10 @@ def trained_digits_mlp(hidden: int = 16) -> tuple[nn.Module, tuple[torch.Tensor,
     """A trained digits MLP: its Hessian has λ_max ≫ |λ_min| with λ_min a tiny negative number."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-    data = digits()
-    train_full_batch(model, data, steps=300)
-    return model.double().eval(), (data[0].double(), data[1])
+    x, y = digits()
+    data = (x.double(), y)
+    train_full_batch(model.double(), data, steps=300)
+    return model, data
 
 
 def _flat_loss_fn(model: nn.Module, loss, x, y):
