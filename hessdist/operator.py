@@ -39,7 +39,7 @@ class Operator(ABC):
     def matmat(self, V: Array) -> Array:
         """A @ V for V of shape (n, k); returns the same array type (and device) as V, in float64."""
         as_numpy = isinstance(V, np.ndarray)
-        T = torch.as_tensor(V)
+        T = torch.from_numpy(np.array(V, dtype=np.float64)) if as_numpy else V
         if T.ndim != 2 or T.shape[0] != self.n:
             raise InputError(f"expected a block of shape ({self.n}, k), got {tuple(T.shape)}; vectors must "
                              f"have one entry per selected parameter (n = {self.n})")

@@ -78,7 +78,7 @@ class LocalKrylovBasis(KrylovBasis):
         self._m += 1
 
     def add_start(self, v: np.ndarray) -> float:
-        v = torch.as_tensor(np.asarray(v, dtype=np.float64), device=self.device).reshape(self.n)
+        v = torch.tensor(v, dtype=torch.float64, device=self.device).reshape(self.n)
         norm0 = float(v.norm())
         if norm0 == 0.0 or self._m == self.n:
             return 0.0
@@ -101,7 +101,7 @@ class LocalKrylovBasis(KrylovBasis):
         return np.append(h.cpu().numpy(), beta)
 
     def combine(self, Y: np.ndarray) -> np.ndarray:
-        Y = torch.as_tensor(np.asarray(Y, dtype=np.float64), device=self.device)
+        Y = torch.tensor(Y, dtype=torch.float64, device=self.device)
         return (self._Q[: Y.shape[0]].T @ Y).cpu().numpy()
 
     # state transfer, used to rebuild a worker group without losing the basis
@@ -109,7 +109,7 @@ class LocalKrylovBasis(KrylovBasis):
         return self._Q[:size].cpu().numpy()
 
     def load(self, rows: np.ndarray) -> None:
-        self._Q = torch.as_tensor(np.array(rows, dtype=np.float64), device=self.device)
+        self._Q = torch.tensor(rows, dtype=torch.float64, device=self.device)
         self._m = self._Q.shape[0]
         if self._m == 0:
             self._Q = torch.empty(1, self.n, dtype=torch.float64, device=self.device)

@@ -1,0 +1,194 @@
+"""A group of worker actors in a placement group, joined by a torch.distributed process group.
+
+Set-up follows the recipe Ray Train uses: bundles reserved first, ranks ordered by node then
+GPU, rank 0's node IP and a free port as the rendezvous, every rank's ``init_process_group``
+started concurrently with an explicit timeout. Workers keep ``max_restarts=0``: when one dies
+the whole group is torn down and rebuilt (new actors, new port, new process group), the
+parameters are re-sent and the interrupted call is retried — callers that keep state on the
+workers (the Krylov basis) register a :class:`StateHolder` to carry it across.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping, Protocol, Sequence
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..errors import HessdistError, WorkerError
+from .worker import CurvatureWorker, OperatorSpec
+
+log = logging.getLogger(__name__)
+RemoteWorker = ray.remote(max_restarts=0)(CurvatureWorker)
+
+
+class WorkerLost(Exception):
+    """A worker died, or a call or collective timed out: the group must be rebuilt."""
+
+
+class StateHolder(Protocol):
+    def salvage(self, old: Sequence[Any]) -> Any: ...
+    def restore(self, group: "WorkerGroup", state: Any) -> None: ...
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (``"auto"`` or ``HOST:PORT``), or start a local one when
+    None. Returns True when this call started a local cluster (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        return True
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). Start one with "
+                          "`ray start --head` (see cluster/README.md), check host and port, or omit "
+                          "--address to run on a local cluster") from exc
+    return False
+
+
+class WorkerGroup:
+    """``workers`` actors, each with ``gpus_per_worker`` GPUs (0: CPU, gloo) and a data shard."""
+
+    def __init__(self, spec: OperatorSpec, workers: int = 2, *, gpus_per_worker: float = 0,
+                 cpus_per_worker: float = 1, max_restarts: int = 3, start_timeout_s: float = 120,
+                 call_timeout_s: float = 1800, collective_timeout_s: float = 600,
+                 runtime_env: dict | None = None):
+        if workers < 1:
+            raise WorkerError(f"a worker group needs at least one worker, got {workers}")
+        if not ray.is_initialized():
+            raise WorkerError("Ray is not initialised: call hessdist.dist.connect() first")
+        self.spec, self.size = spec, workers
+        self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
+        self.max_restarts, self.start_timeout_s = max_restarts, start_timeout_s
+        self.call_timeout_s, self.collective_timeout_s = call_timeout_s, collective_timeout_s
+        self.runtime_env = runtime_env
+        self.replacements: list[str] = []        # one entry per rebuild, saying why
+        self.holders: list[StateHolder] = []
+        self._state_ref = None
+        self.actors: list[Any] = []
+        self._pg = None
+        self._start()
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        self._pg = placement_group([bundle] * self.size, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._pg)
+            self._pg = None
+            raise WorkerError(
+                f"the Ray cluster cannot provide {self.size} workers of {bundle} within "
+                f"{self.start_timeout_s:.0f} s (available: {ray.available_resources()}). Use fewer "
+                "--workers, fewer --gpus-per-worker, or add nodes") from None
+        actors = [RemoteWorker.options(
+            num_cpus=self.cpus, num_gpus=self.gpus, runtime_env=self.runtime_env,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+        ).remote(self.spec) for i in range(self.size)]
+        try:
+            places = ray.get([a.placement.remote() for a in actors], timeout=self.start_timeout_s)
+            order = sorted(range(self.size), key=lambda i: (places[i][0], places[i][1]))
+            self.actors = [actors[i] for i in order]
+            master = places[order[0]][0]
+            port = ray.get(self.actors[0].free_port.remote(), timeout=self.start_timeout_s)
+            joined = ray.get([a.join.remote(master, port, r, self.size, self.collective_timeout_s)
+                              for r, a in enumerate(self.actors)], timeout=self.start_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            self._teardown(actors)
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, HessdistError):
+                raise type(cause)(f"on a worker: {cause}") from None
+            raise WorkerError(f"a worker failed to start: {exc}. If it could not import your module, "
+                              "run from the directory that holds it or install it on every node") from exc
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            self._teardown(actors)
+            raise WorkerError(f"workers did not start within {self.start_timeout_s:.0f} s: {exc}") from exc
+        self.n, self.n_samples = joined[0]
+        if self._state_ref is not None:
+            self._call("set_parameters", self._state_ref)
+
+    def _teardown(self, actors: Sequence[Any] | None = None) -> None:
+        for a in actors if actors is not None else self.actors:
+            ray.kill(a, no_restart=True)
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def shutdown(self) -> None:
+        """Kill the workers and release their resources."""
+        self._teardown()
+        self.actors = []
+
+    def rebuild(self, reason: str) -> None:
+        """Replace the whole group (new actors, port and process group); state holders carry
+        their worker-side state across."""
+        log.warning("rebuilding the worker group: %s", reason)
+        old = self.actors
+        states = [h.salvage(old) for h in self.holders]
+        self._teardown(old)
+        self._start()
+        for holder, state in zip(self.holders, states):
+            holder.restore(self, state)
+        self.replacements.append(reason)
+
+    # -- calls --------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every rank at once; results in rank order, or WorkerLost."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        deadline = time.monotonic() + self.call_timeout_s
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise WorkerLost(f"{method} did not finish within {self.call_timeout_s:.0f} s")
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                raise WorkerLost(f"a worker died during {method}: {exc.__class__.__name__}") from exc
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, HessdistError):
+                    raise type(cause)(str(cause)) from None
+                if isinstance(cause, (RuntimeError, torch.distributed.DistError)) and _is_collective(cause):
+                    raise WorkerLost(f"a collective failed during {method}: {cause}") from exc
+                raise
+        return ray.get(refs)
+
+    def run(self, method: str, *args: Any) -> list[Any]:
+        """``_call`` with recovery: on a lost worker, rebuild and retry (at most
+        ``max_restarts`` times in this group's life), then raise WorkerError."""
+        while True:
+            try:
+                return self._call(method, *args)
+            except WorkerLost as exc:
+                if len(self.replacements) >= self.max_restarts:
+                    raise WorkerError(f"{exc}; the worker group was already rebuilt "
+                                      f"{len(self.replacements)} times (max_restarts). Check the workers' "
+                                      "logs for out-of-memory kills or lost nodes") from exc
+                self.rebuild(str(exc))
+
+    def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Send a ``state_dict`` once (one object-store copy shared by every worker)."""
+        arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
+        self._state_ref = ray.put(arrays)
+        self.run("set_parameters", self._state_ref)
+
+
+def _is_collective(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
+
+
+def default_workers() -> int:
+    """One worker per visible GPU, else two CPU workers."""
+    return torch.cuda.device_count() or 2
+
+
+__all__ = ["WorkerGroup", "connect", "default_workers", "OperatorSpec", "WorkerLost"]

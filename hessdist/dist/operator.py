@@ -1,0 +1,109 @@
+"""The distributed operator: the in-process interface over a :class:`WorkerGroup`.
+
+Each product is one call per worker and one flat all-reduce among them; the driver sends the
+block once through the object store (every worker reads the same copy) and gets rank 0's
+result back. Solvers get a :class:`RemoteKrylovBasis`, whose vectors stay on the workers.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from ..errors import HessdistError
+from ..operator import Operator
+from ..solvers.krylov import KrylovBasis
+from .group import WorkerGroup
+
+
+class DistributedOperator(Operator):
+    """Full-dataset curvature products computed by a worker group."""
+
+    def __init__(self, group: WorkerGroup):
+        self.group = group
+        self.n, self.n_samples = group.n, group.n_samples
+
+    def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Send a ``state_dict`` once; every later product uses it."""
+        self.group.set_parameters(state)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        ref = ray.put(V.cpu().numpy())
+        return torch.from_numpy(self.group.run("matmat", ref)[0]).to(V.device)
+
+    def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
+        loss, g = self.group.run("loss_and_gradient", arg)[0]
+        return loss, torch.from_numpy(g)
+
+    def check_determinism(self, seed: int = 0) -> None:
+        self.group.run("check_determinism", seed)
+        self.hvps += 3
+
+    def krylov_basis(self) -> "RemoteKrylovBasis":
+        return RemoteKrylovBasis(self)
+
+
+class RemoteKrylovBasis(KrylovBasis):
+    """A Krylov basis replicated on every worker. Every rank applies the same arithmetic to the
+    same all-reduced numbers, so the replicas agree bit for bit (checked each step). When the
+    group is rebuilt, the basis is copied from a surviving worker, or — if none survived —
+    recomputed by replaying the logged operations."""
+
+    def __init__(self, op: DistributedOperator):
+        self.op, self.group, self.n = op, op.group, op.n
+        self._size = 0
+        self._log: list[tuple[str, Any]] = []
+        self.group.run("basis_reset")
+        self.group.holders = [self]          # one solve at a time owns the workers' basis
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _same_on_every_rank(self, results: Sequence[Any], what: str) -> Any:
+        first = results[0]
+        if any(not np.array_equal(first, r) for r in results[1:]):
+            raise HessdistError(f"worker replicas of the Krylov basis diverged at {what}; the ranks "
+                                "computed different products — check that every worker runs the same "
+                                "model code and torch version")
+        return first
+
+    def add_start(self, v: np.ndarray) -> float:
+        v = np.asarray(v, dtype=np.float64)
+        left = self._same_on_every_rank(self.group.run("basis_add_start", ray.put(v)), "a start vector")
+        if left > 0:
+            self._size += 1
+            self._log.append(("basis_add_start", v))
+        return left
+
+    def expand(self, j: int) -> np.ndarray:
+        col = self._same_on_every_rank(self.group.run("basis_expand", j), f"step {j}")
+        self.op.hvps += 1
+        if col[-1] > 0:
+            self._size += 1
+        self._log.append(("basis_expand", j))
+        return col
+
+    def combine(self, Y: np.ndarray) -> np.ndarray:
+        return self.group.run("basis_combine", np.asarray(Y, dtype=np.float64))[0]
+
+    # -- StateHolder: carry the basis across a rebuild ----------------------------------------
+    def salvage(self, old: Sequence[Any]) -> np.ndarray | None:
+        for actor in old:
+            try:
+                return ray.get(actor.basis_export.remote(self._size), timeout=self.group.collective_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+                continue
+        return None
+
+    def restore(self, group: WorkerGroup, rows: np.ndarray | None) -> None:
+        if rows is not None:
+            group._call("basis_load", ray.put(rows))
+            return
+        group._call("basis_reset")
+        for method, arg in self._log:          # no survivor: recompute the basis (costs products)
+            group._call(method, ray.put(arg) if isinstance(arg, np.ndarray) else arg)
+            self.op.hvps += method == "basis_expand"

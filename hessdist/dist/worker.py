@@ -1,0 +1,127 @@
+"""The worker actor: one model replica and one data shard per GPU (or CPU slot), joined to the
+others by a torch.distributed process group. Its partial products are summed by ONE flat
+all-reduce per product; it also holds a replica of the solver's Krylov basis."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import load_shard
+from ..hvp import CurvatureOperator
+from ..imports import resolve
+from ..losses import LossFn
+from ..solvers.krylov import LocalKrylovBasis
+
+Factory = Union[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    """How a worker builds its operator. Factories are callables or ``"pkg.mod:fn"`` paths; the
+    data factory may take ``rank``/``world_size`` keywords to build only its own shard."""
+
+    model: Factory
+    data: Factory
+    loss: Union[str, LossFn] = "cross_entropy"
+    curvature: str = "hessian"
+    mode: str = "forward"
+    batch_size: int = 256
+    dtype: str = "float32"
+    params: Sequence[str] | None = None
+    eval_mode: bool = True
+    import_paths: tuple[str, ...] = field(default=())
+
+    def build(self, rank: int, world_size: int, device: torch.device,
+              reducer: Callable[[torch.Tensor], None] | None = None) -> CurvatureOperator:
+        model_fn = resolve(self.model) if isinstance(self.model, str) else self.model
+        data_fn = resolve(self.data) if isinstance(self.data, str) else self.data
+        return CurvatureOperator(model_fn(), self.loss, load_shard(data_fn, rank, world_size),
+                                 curvature=self.curvature, mode=self.mode, batch_size=self.batch_size,
+                                 dtype=getattr(torch, self.dtype), device=device, params=self.params,
+                                 eval_mode=self.eval_mode, reducer=reducer)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class CurvatureWorker:
+    """A Ray actor (decorated by :mod:`hessdist.dist.group`). Rank 0 returns results; the other
+    ranks return None so that nothing large crosses Ray twice."""
+
+    def __init__(self, spec: OperatorSpec):
+        self.spec = spec
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)          # before any other CUDA call
+        self.op: CurvatureOperator | None = None
+        self.basis: LocalKrylovBasis | None = None
+        self.rank = -1
+
+    # -- set-up -------------------------------------------------------------------------------
+    def placement(self) -> tuple[str, list[str]]:
+        """(node IP, GPU ids): ranks are ordered by node, then GPU."""
+        import ray
+        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def join(self, master: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple[int, int]:
+        """Join the process group and build the operator on this rank's shard.
+        Returns (n parameters, total samples over all ranks)."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        self.rank = rank
+        self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum)
+        return self.op.n, self.op.n_samples
+
+    def set_parameters(self, state: dict[str, np.ndarray]) -> None:
+        self.op.set_parameters({k: torch.tensor(v) for k, v in state.items()})
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- products -----------------------------------------------------------------------------
+    def _rank0(self, value):
+        return value if self.rank == 0 else None
+
+    def matmat(self, V: np.ndarray) -> np.ndarray | None:
+        return self._rank0(self.op.matmat(np.asarray(V)))
+
+    def loss_and_gradient(self, theta: np.ndarray | None = None):
+        loss, g = self.op.loss_and_gradient(None if theta is None else torch.from_numpy(theta))
+        return self._rank0((loss, g.cpu().numpy()))
+
+    def check_determinism(self, seed: int = 0) -> None:
+        self.op.check_determinism(seed)
+
+    # -- Krylov basis replica (every rank does the same arithmetic on the same numbers) -------
+    def basis_reset(self) -> None:
+        self.basis = LocalKrylovBasis(self.op)
+
+    def basis_add_start(self, v: np.ndarray) -> float:
+        return self.basis.add_start(v)
+
+    def basis_expand(self, j: int) -> np.ndarray:
+        return self.basis.expand(j)
+
+    def basis_combine(self, Y: np.ndarray) -> np.ndarray | None:
+        return self._rank0(self.basis.combine(Y))
+
+    def basis_export(self, size: int) -> np.ndarray:
+        return self.basis.export(size)
+
+    def basis_load(self, rows: np.ndarray) -> None:
+        self.basis = LocalKrylovBasis(self.op)
+        self.basis.load(rows)
