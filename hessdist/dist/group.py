@@ -10,6 +10,7 @@ workers (the Krylov basis) register a :class:`StateHolder` to carry it across.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -43,12 +44,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
         return True
+    hint = ("Start one with `ray start --head` (see cluster/README.md), check host and port, or omit "
+            "--address to run on a local cluster")
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:                       # ray.init retries an unreachable address for minutes: probe first
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). {hint}") from None
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). Start one with "
-                          "`ray start --head` (see cluster/README.md), check host and port, or omit "
-                          "--address to run on a local cluster") from exc
+        raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). {hint}") from exc
     return False
 
 
@@ -86,7 +93,7 @@ class WorkerGroup:
             self._pg = None
             raise WorkerError(
                 f"the Ray cluster cannot provide {self.size} workers of {bundle} within "
-                f"{self.start_timeout_s:.0f} s (available: {ray.available_resources()}). Use fewer "
+                f"{self.start_timeout_s:.0f} s (free now: {_free()}, in all: {_free(ray.cluster_resources())}). Use fewer "
                 "--workers, fewer --gpus-per-worker, or add nodes") from None
         actors = [RemoteWorker.options(
             num_cpus=self.cpus, num_gpus=self.gpus, runtime_env=self.runtime_env,
@@ -102,7 +109,7 @@ class WorkerGroup:
                               for r, a in enumerate(self.actors)], timeout=self.start_timeout_s)
         except ray.exceptions.RayTaskError as exc:
             self._teardown(actors)
-            cause = exc.as_instanceof_cause()
+            cause = _cause(exc)
             if isinstance(cause, HessdistError):
                 raise type(cause)(f"on a worker: {cause}") from None
             raise WorkerError(f"a worker failed to start: {exc}. If it could not import your module, "
@@ -153,7 +160,7 @@ class WorkerGroup:
             except ray.exceptions.RayActorError as exc:
                 raise WorkerLost(f"a worker died during {method}: {exc.__class__.__name__}") from exc
             except ray.exceptions.RayTaskError as exc:
-                cause = exc.as_instanceof_cause()
+                cause = _cause(exc)
                 if isinstance(cause, HessdistError):
                     raise type(cause)(str(cause)) from None
                 if isinstance(cause, (RuntimeError, torch.distributed.DistError)) and _is_collective(cause):
@@ -179,6 +186,16 @@ class WorkerGroup:
         arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
         self._state_ref = ray.put(arrays)
         self.run("set_parameters", self._state_ref)
+
+
+def _cause(exc: "ray.exceptions.RayTaskError") -> BaseException:
+    """The exception raised inside the worker (without Ray's traceback wrapper)."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _free(resources: dict | None = None) -> dict:
+    resources = ray.available_resources() if resources is None else resources
+    return {k: resources.get(k, 0) for k in ("CPU", "GPU")}
 
 
 def _is_collective(exc: BaseException) -> bool:
