@@ -15,7 +15,6 @@ from torch.func import functional_call, jacrev
 from hessdist.examples import digits, train_full_batch
 from hessdist.models import ResNet
 
-torch.set_default_dtype(torch.float64)
 
 
 def digits_subset(n: int = 120):

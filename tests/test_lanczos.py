@@ -105,7 +105,7 @@ def test_exhausted_krylov_space_is_exact():
     reaches n = 17 and every Ritz pair is an eigenpair."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
-    x, y = torch.randn(20, 2), torch.randn(20, 2)
+    x, y = torch.randn(20, 2).double(), torch.randn(20, 2).double()
     H = dense_hessian(model, x, y, loss=torch.nn.functional.mse_loss)
     lam, _ = eigh(H)
     op = CurvatureOperator(model, "mse", (x, y), dtype=torch.float64)

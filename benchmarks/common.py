@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmarks: problems, machine description, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from hessdist.examples import digits, get_example, train_full_batch
+from hessdist.hvp import CurvatureOperator
+from hessdist.models import digits_cnn
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "gpu": gpu or "none (GPU figures: not measured)",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as fh:
+        json.dump({"machine": machine(), **payload}, fh, indent=2)
+    print(f"wrote {path}")
+    return path
+
+
+def trained_model(name: str):
+    """(model, data) for digits-mlp, digits-cnn, or cnn-100k (a 95k-parameter digits CNN)."""
+    if name == "cnn-100k":
+        model, data = digits_cnn(width=64), digits()
+        train_full_batch(model, data, steps=40)
+        return model, data
+    ex = get_example(name)
+    model, data = ex.model(), ex.data()
+    ex.train(model, data)
+    return model, data
+
+
+def operator(name: str, dtype=torch.float64, **kw) -> CurvatureOperator:
+    model, data = trained_model(name)
+    kw.setdefault("batch_size", 2048)
+    kw.setdefault("mode", "double-backward")
+    return CurvatureOperator(model, "cross_entropy", data, dtype=dtype, **kw)
