@@ -13,5 +13,12 @@ from .solvers.lanczos import lanczos
 from .solvers.results import EigenPairs, EigenResult
 
 __version__ = "0.1.0"
-__all__ = ["CurvatureOperator", "Operator", "ParameterLayout", "lanczos", "EigenPairs", "EigenResult",
+
+
+def connect(name: str, address: str | None = "auto"):
+    """A handle on the running eigen-service ``name`` (see :mod:`hessdist.service`)."""
+    from .service import connect as _connect
+    return _connect(name, address)
+
+__all__ = ["connect", "CurvatureOperator", "Operator", "ParameterLayout", "lanczos", "EigenPairs", "EigenResult",
            "HessdistError", "InputError", "NonDeterministicError", "NonFiniteError", "WorkerError"]

@@ -177,6 +177,36 @@ def cmd_eigs(args: argparse.Namespace) -> int:
     return 0 if result.converged else 2
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import service
+    from .dist import OperatorSpec, connect, default_workers
+    job = build_job(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    roots = sorted({r for r in (module_root(p) for p in job.import_paths) if r})
+    connect(args.address or "auto", runtime_env={"py_modules": roots} if roots else None)
+    spec = OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss,
+                        curvature=args.curvature, mode=args.mode, batch_size=args.batch_size,
+                        dtype=args.dtype, params=tuple(args.params.split(",")) if args.params else None)
+    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
+    workers = args.workers if args.workers is not None else default_workers()
+    out_dir = args.out_dir or os.path.join("hessdist-out", args.name)
+    handle = service.start(args.name, spec, workers, out_dir, gpus_per_worker=gpus)
+    print(json.dumps(handle.status(), indent=2))
+    return 0
+
+
+def cmd_manage(args: argparse.Namespace) -> int:
+    from . import service
+    handle = service.connect(args.name, args.address or "auto")
+    if args.command == "status":
+        print(json.dumps(handle.status(), indent=2))
+    elif args.command == "scale":
+        print(json.dumps(handle.scale(args.workers), indent=2))
+    else:
+        handle.stop()
+        print(f"stopped service {args.name!r} and its workers")
+    return 0
+
+
 def format_table(out: dict) -> str:
     lines = [f"{'end':<9}{'i':>3}  {'eigenvalue':>16}  {'residual':>10}  {'bound':>10}  converged"]
     for end in ("largest", "smallest", "largest_magnitude"):
@@ -231,6 +261,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, help="stop before this many seconds")
     p.add_argument("--no-check", action="store_true", help="skip the determinism check (3 products)")
     p.set_defaults(func=cmd_eigs)
+
+    p = sub.add_parser("serve", help="start a named, detached eigen-service on a Ray cluster")
+    add_problem_options(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out-dir", help="history and eigenvectors (default hessdist-out/NAME)")
+    p.set_defaults(func=cmd_serve)
+    for name, text in (("status", "show a service's workers, queue and latest result"),
+                       ("stop", "remove a service and its workers"),
+                       ("scale", "replace a service's worker group by one of --workers workers")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--name", required=True)
+        p.add_argument("--address", help="Ray cluster (default auto)")
+        if name == "scale":
+            p.add_argument("--workers", type=int, required=True)
+        p.set_defaults(func=cmd_manage)
     return ap
 
 

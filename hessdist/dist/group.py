@@ -103,6 +103,8 @@ class WorkerGroup:
             places = ray.get([a.placement.remote() for a in actors], timeout=self.start_timeout_s)
             order = sorted(range(self.size), key=lambda i: (places[i][0], places[i][1]))
             self.actors = [actors[i] for i in order]
+            self.placements = [{"rank": r, "node": places[i][0], "gpus": places[i][1], "pid": places[i][2]}
+                               for r, i in enumerate(order)]
             master = places[order[0]][0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=self.start_timeout_s)
             joined = ray.get([a.join.remote(master, port, r, self.size, self.collective_timeout_s)

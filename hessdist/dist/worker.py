@@ -66,10 +66,10 @@ class CurvatureWorker:
         self.rank = -1
 
     # -- set-up -------------------------------------------------------------------------------
-    def placement(self) -> tuple[str, list[str]]:
-        """(node IP, GPU ids): ranks are ordered by node, then GPU."""
+    def placement(self) -> tuple[str, list[str], int]:
+        """(node IP, GPU ids, process id): ranks are ordered by node, then GPU."""
         import ray
-        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()], os.getpid()
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -88,9 +88,6 @@ class CurvatureWorker:
 
     def set_parameters(self, state: dict[str, np.ndarray]) -> None:
         self.op.set_parameters({k: torch.tensor(v) for k, v in state.items()})
-
-    def pid(self) -> int:
-        return os.getpid()
 
     # -- products -----------------------------------------------------------------------------
     def _rank0(self, value):

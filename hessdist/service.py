@@ -1,0 +1,237 @@
+"""The eigen-service: a named, detached Ray actor that owns a worker group, so a trainer can ask
+for the spectrum after every epoch without waiting for it.
+
+    handle = hessdist.connect("resnet-hessian")            # from any driver on the cluster
+    future = handle.submit(model.state_dict(), step=epoch)  # returns at once; training goes on
+    ...
+    result = handle.result(future)                          # dict: values, residuals, bounds, ...
+
+Solves are serialised inside the service (overlapping collectives would deadlock); ``status``
+is answered while a solve runs. Each solve warm-starts from the previous solve's eigenvectors.
+Results are appended to ``<out_dir>/history.jsonl`` and eigenvectors saved to
+``<out_dir>/vectors/step-<step>.pt``; a restarted service reloads both and keeps warm-starting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from .dist import DistributedOperator, OperatorSpec, WorkerGroup
+from .errors import HessdistError, InputError, WorkerError
+from .solvers.lanczos import lanczos, parse_which
+
+NAMESPACE = "hessdist"
+
+
+def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int) -> np.ndarray | None:
+    """One start vector rich in every previous eigenvector (both ends), plus a little noise so
+    that directions the previous solve missed are not excluded from the Krylov space."""
+    columns = [v for block in previous.values() for v in np.asarray(block).T]
+    if not columns or any(c.shape != (n,) for c in columns):
+        return None
+    v0 = sum(c / np.linalg.norm(c) for c in columns)
+    noise = np.random.default_rng(seed).standard_normal(n)
+    return v0 / np.linalg.norm(v0) + 1e-3 * noise / np.linalg.norm(noise)
+
+
+class EigenService:
+    """The actor class (see :func:`start`). All public methods are remote calls."""
+
+    def __init__(self, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_worker: float = 0,
+                 group_options: dict | None = None):
+        self.spec, self.out_dir = spec, os.path.abspath(out_dir)
+        os.makedirs(os.path.join(self.out_dir, "vectors"), exist_ok=True)
+        self.group_options = dict(group_options or {}, gpus_per_worker=gpus_per_worker)
+        self.group = WorkerGroup(spec, workers, **self.group_options)
+        self.op = DistributedOperator(self.group)
+        self._lock = threading.Lock()                 # guards the worker group (solve vs scale)
+        self.queued: list[int] = []
+        self._started: set[int] = set()
+        self.running, self.last_error = None, None
+        self.history = self._load_history()
+        self.vectors = self._load_vectors(self.history[-1]["step"]) if self.history else {}
+
+    # -- persistence --------------------------------------------------------------------------
+    @property
+    def _history_path(self) -> str:
+        return os.path.join(self.out_dir, "history.jsonl")
+
+    def _vectors_path(self, step: int) -> str:
+        return os.path.join(self.out_dir, "vectors", f"step-{step}.pt")
+
+    def _load_history(self) -> list[dict]:
+        if not os.path.exists(self._history_path):
+            return []
+        with open(self._history_path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def _load_vectors(self, step: int) -> dict[str, np.ndarray]:
+        path = self._vectors_path(step)
+        if not os.path.exists(path):
+            return {}
+        return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+    def _record(self, entry: dict, vectors: dict[str, np.ndarray]) -> None:
+        """Vectors first, then one appended (flushed, fsynced) history line: a crash between
+        the two leaves an unreferenced vector file, never a history line without vectors."""
+        torch.save({k: torch.from_numpy(v) for k, v in vectors.items()}, self._vectors_path(entry["step"]))
+        with open(self._history_path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # -- solves -------------------------------------------------------------------------------
+    def enqueue(self, step: int) -> None:
+        """Note a submitted step for ``status`` (the solve itself waits in the solve queue)."""
+        if step not in self._started:
+            self.queued.append(step)
+
+    @ray.method(concurrency_group="solve")
+    def solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
+              tol: float = 1e-4, max_hvps: int | None = None, budget_s: float | None = None,
+              compare_cold: bool = False, seed: int = 0) -> dict:
+        """One solve; the "solve" concurrency group (one thread) runs them in submission order."""
+        self._started.add(step)
+        if step in self.queued:
+            self.queued.remove(step)
+        self.running = {"step": step, "since": time.time()}
+        try:
+            with self._lock:
+                return self._solve(state, step, parse_which(which), k, tol, max_hvps, budget_s,
+                                   compare_cold, seed)
+        except Exception as exc:
+            self.last_error = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+            raise
+        finally:
+            self.running = None
+
+    def _solve(self, state, step, which, k, tol, max_hvps, budget_s, compare_cold, seed) -> dict:
+        if any(h["step"] == step for h in self.history):
+            raise InputError(f"step {step} is already in the history; submit each step once")
+        t0 = time.time()
+        self.op.set_parameters({key: torch.from_numpy(np.asarray(v)) for key, v in state.items()})
+        opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
+                    return_vectors=True)
+        v0 = warm_start_vector(self.vectors, self.op.n, seed)
+        res = lanczos(self.op, v0=v0, **opts)
+        entry = {"step": step, **res.to_dict(), "warm_start": v0 is not None,
+                 "workers": self.group.size, "workers_replaced": len(self.group.replacements)}
+        if compare_cold and v0 is not None:
+            cold = lanczos(self.op, **{**opts, "return_vectors": False})
+            entry.update(cold_hvps=cold.hvps, hvps_saved=cold.hvps - res.hvps)
+        entry["wall_seconds"] = time.time() - t0
+        vectors = {w: p.vectors for w, p in res.pairs.items()}
+        self._record(entry, vectors)
+        self.history.append(entry)
+        self.vectors = vectors
+        return entry
+
+    # -- management ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        latest = self.history[-1] if self.history else None
+        return {"workers": self.group.size, "gpus_per_worker": self.group.gpus,
+                "n_params": self.op.n, "n_samples": self.op.n_samples, "queued": list(self.queued),
+                "running": self.running, "solves": len(self.history), "last_error": self.last_error,
+                "workers_replaced": len(self.group.replacements), "out_dir": self.out_dir,
+                "worker_pids": [p["pid"] for p in self.group.placements],
+                "devices": [f"{p['node']} gpus={p['gpus'] or 'none'}" for p in self.group.placements],
+                "latest": None if latest is None else {key: latest[key] for key in (
+                    "step", "largest", "smallest", "converged", "hvps", "seconds") if key in latest}}
+
+    def history_entries(self) -> list[dict]:
+        return list(self.history)
+
+    def scale(self, workers: int) -> dict:
+        """Replace the worker group by one of ``workers`` workers (data re-sharded), between solves."""
+        with self._lock:
+            self.group.shutdown()
+            self.group = WorkerGroup(self.spec, workers, **self.group_options)
+            self.op = DistributedOperator(self.group)
+        return self.status()
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0,
+                           concurrency_groups={"solve": 1})(EigenService)
+
+
+def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_worker: float = 0,
+          group_options: dict | None = None, timeout_s: float = 300) -> "ServiceHandle":
+    """Create the named, detached service on the connected cluster and wait until its workers
+    are up. Raises if a service of that name already runs."""
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        raise InputError(f"a hessdist service named {name!r} already runs; stop it first "
+                         f"(hessdist stop --name {name}) or pick another --name")
+    except ValueError:
+        pass
+    actor = RemoteService.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(
+        spec, workers, out_dir, gpus_per_worker, group_options)
+    handle = ServiceHandle(name, actor)
+    try:
+        handle.status(timeout_s=timeout_s)
+    except ray.exceptions.RayActorError as exc:
+        cause = exc.cause if hasattr(exc, "cause") and exc.cause else exc
+        raise WorkerError(f"the service {name!r} failed to start: {cause}") from None
+    return handle
+
+
+def connect(name: str, address: str | None = "auto") -> "ServiceHandle":
+    """A handle on the running service ``name``, from any driver on the cluster."""
+    if not ray.is_initialized():
+        from .dist import connect as connect_cluster
+        connect_cluster(address)
+    try:
+        return ServiceHandle(name, ray.get_actor(name, namespace=NAMESPACE))
+    except ValueError:
+        raise InputError(f"no hessdist service named {name!r} on this cluster; start one with "
+                         f"`hessdist serve --name {name} ...`") from None
+
+
+class ServiceHandle:
+    """What a trainer holds: submit without waiting, collect results, read history and status."""
+
+    def __init__(self, name: str, actor: Any):
+        self.name, self.actor = name, actor
+
+    def submit(self, state_dict: Mapping[str, torch.Tensor], step: int, **options: Any) -> "ray.ObjectRef":
+        """Queue a solve at these parameters (copied now: the trainer may keep updating its
+        model) and return a future at once. Options: which, k, tol, max_hvps, budget_s,
+        compare_cold, seed."""
+        state = {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
+        self.actor.enqueue.remote(step)
+        return self.actor.solve.remote(ray.put(state), step, **options)
+
+    def result(self, future: "ray.ObjectRef", timeout_s: float | None = None) -> dict:
+        try:
+            return ray.get(future, timeout=timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, HessdistError):
+                raise type(cause)(str(cause)) from None
+            raise
+
+    def history(self) -> list[dict]:
+        return ray.get(self.actor.history_entries.remote())
+
+    def status(self, timeout_s: float | None = 60) -> dict:
+        return ray.get(self.actor.status.remote(), timeout=timeout_s)
+
+    def scale(self, workers: int) -> dict:
+        return ray.get(self.actor.scale.remote(workers))
+
+    def stop(self) -> None:
+        """Stop the workers and remove the service."""
+        try:
+            ray.get(self.actor.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(self.actor)

@@ -1,0 +1,140 @@
+"""The eigen-service on a real Ray cluster started with `ray start --head`, used from separate
+driver processes as a trainer would."""
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+HESSDIST = [sys.executable, "-m", "hessdist.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head of its own (`ray start --head --block`), stopped by ending that process."""
+    port = free_port()
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    # token authentication, as the cluster/ configs use: the head and every driver share the token
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
+                             "--include-dashboard=false", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(3)
+    yield f"127.0.0.1:{port}"
+    head.terminate()
+    head.wait(timeout=120)
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def driver(address: str, code: str, timeout: int = 600) -> dict:
+    """Run ``code`` in a separate Python process connected to the cluster; it prints one JSON."""
+    script = "import json, ray, torch, hessdist\n" \
+             f"ray.init(address={address!r}, namespace='hessdist', logging_level='ERROR')\n" + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TRAINER = """
+from hessdist.examples import get_example
+ex = get_example("digits-mlp")
+model = ex.model(); ex.train(model, ex.data())
+def nudged(step):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["1.weight"] += 1e-3 * step * torch.ones_like(state["1.weight"])
+    return state
+h = hessdist.connect("svc")
+"""
+
+
+def serve(address, out_dir, name="svc", workers=2):
+    proc = subprocess.run(HESSDIST + ["serve", "--name", name, "--example", "digits-mlp", "--workers", str(workers),
+                                      "--address", address, "--out-dir", str(out_dir), "--dtype", "float64"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_service_lifecycle(cluster, tmp_path):
+    out_dir = tmp_path / "svc"
+    status = serve(cluster, out_dir)
+    assert status["workers"] == 2 and status["solves"] == 0 and status["n_params"] == 2410
+
+    # a second driver: three submits at different parameters, results in order, status meanwhile
+    got = driver(cluster, TRAINER + """
+futures = [h.submit(nudged(s), step=s, tol=1e-6, compare_cold=(s == 2)) for s in (0, 1, 2)]
+during = h.status()
+results = [h.result(f) for f in futures]
+print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"] for r in results],
+                  "hvps": [r["hvps"] for r in results], "cold": results[2].get("cold_hvps"),
+                  "during": during, "largest": results[0]["largest"], "n": len(h.history())}))
+""")
+    assert got["steps"] == [0, 1, 2] and got["warm"] == [False, True, True] and got["n"] == 3
+    assert got["during"]["running"] is not None or got["during"]["queued"]
+    assert got["hvps"][2] < got["cold"]                      # warm start saves products
+    lines = (out_dir / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]
+    assert sorted(os.listdir(out_dir / "vectors")) == ["step-0.pt", "step-1.pt", "step-2.pt"]
+
+    # a worker killed during a solve: it completes, the history has no gap or duplicate
+    pid = driver(cluster, TRAINER + "print(json.dumps(h.status()))")["worker_pids"][-1]
+    got = driver(cluster, TRAINER + f"""
+import os, signal, time
+fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=150)
+time.sleep(2.0)
+os.kill({pid}, signal.SIGKILL)
+r = h.result(fut)
+print(json.dumps({{"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}}))
+""")
+    assert got["replaced"] >= 1 and got["steps"] == [0, 1, 2, 3]
+
+    # restart: stop, serve again on the same out_dir; history reloaded, next solve warm-starts
+    subprocess.run(HESSDIST + ["stop", "--name", "svc", "--address", cluster], check=True, timeout=120,
+                   capture_output=True)
+    status = serve(cluster, out_dir)
+    assert status["solves"] == 4
+    got = driver(cluster, TRAINER + """
+r = h.result(h.submit(nudged(4), step=4, tol=1e-6))
+print(json.dumps({"warm": r["warm_start"], "steps": [e["step"] for e in h.history()]}))
+""")
+    assert got["warm"] and got["steps"] == [0, 1, 2, 3, 4]
+
+    # scale between solves; status from the CLI; duplicate step refused with a message
+    proc = subprocess.run(HESSDIST + ["scale", "--name", "svc", "--workers", "1", "--address", cluster],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, proc.stderr[-3000:]
+    got = driver(cluster, TRAINER + """
+try:
+    h.result(h.submit(nudged(4), step=4))
+    print(json.dumps({"error": None}))
+except hessdist.InputError as exc:
+    print(json.dumps({"error": str(exc), "status": h.status()}))
+""")
+    assert "already in the history" in got["error"] and got["status"]["last_error"]["step"] == 4
+    subprocess.run(HESSDIST + ["stop", "--name", "svc", "--address", cluster], check=True, timeout=120,
+                   capture_output=True)
+    proc = subprocess.run(HESSDIST + ["status", "--name", "svc", "--address", cluster],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no hessdist service named 'svc'" in proc.stderr
