@@ -116,7 +116,7 @@ class EigenService:
         if any(h["step"] == step for h in self.history):
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0 = time.time()
-        self.op.set_parameters({key: torch.from_numpy(np.asarray(v)) for key, v in state.items()})
+        self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
         opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
                     return_vectors=True)
         v0 = warm_start_vector(self.vectors, self.op.n, seed)
