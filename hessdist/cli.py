@@ -18,7 +18,6 @@ from .errors import HessdistError, InputError
 from .examples import EXAMPLES, cifar10_dir, get_example
 from .hvp import CURVATURES, MODES, CurvatureOperator
 from .imports import module_root, resolve
-from .operator import Operator
 from .params import load_state
 from .solvers.lanczos import lanczos, parse_which
 
@@ -33,6 +32,11 @@ class Job:
     model: nn.Module
     import_paths: tuple[str, ...]
     data_note: str
+
+    def runtime_env(self) -> dict | None:
+        """Ray runtime_env that ships the user's own modules (not installed ones) to workers."""
+        roots = sorted({r for r in (module_root(p) for p in self.import_paths) if r})
+        return {"py_modules": roots} if roots else None
 
 
 def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -123,9 +127,7 @@ def make_operator(args: argparse.Namespace, job: Job, say: Callable[[str], None]
     from .dist import DistributedOperator, OperatorSpec, WorkerGroup, connect, default_workers
     workers = args.workers if args.workers is not None else default_workers()
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
-    roots = sorted({r for r in (module_root(p) for p in job.import_paths) if r})
-    runtime_env = {"py_modules": roots} if roots else None
-    started = connect(args.address, num_cpus=max(os.cpu_count() or 1, workers), runtime_env=runtime_env)
+    started = connect(args.address, num_cpus=max(os.cpu_count() or 1, workers), runtime_env=job.runtime_env())
     say(f"{'started a local Ray cluster' if started else 'joined the Ray cluster'}; "
         f"starting {workers} worker(s) ({gpus} GPU each) ...")
     spec = OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss,
@@ -181,8 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import service
     from .dist import OperatorSpec, connect, default_workers
     job = build_job(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    roots = sorted({r for r in (module_root(p) for p in job.import_paths) if r})
-    connect(args.address or "auto", runtime_env={"py_modules": roots} if roots else None)
+    connect(args.address or "auto", runtime_env=job.runtime_env())
     spec = OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss,
                         curvature=args.curvature, mode=args.mode, batch_size=args.batch_size,
                         dtype=args.dtype, params=tuple(args.params.split(",")) if args.params else None)

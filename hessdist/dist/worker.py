@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence, Union
 
@@ -36,7 +36,6 @@ class OperatorSpec:
     dtype: str = "float32"
     params: Sequence[str] | None = None
     eval_mode: bool = True
-    import_paths: tuple[str, ...] = field(default=())
 
     def build(self, rank: int, world_size: int, device: torch.device,
               reducer: Callable[[torch.Tensor], None] | None = None) -> CurvatureOperator:
