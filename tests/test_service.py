@@ -116,7 +116,11 @@ print(json.dumps({{"replaced": r["workers_replaced"], "steps": [e["step"] for e 
     status = serve(cluster, out_dir)
     assert status["solves"] == 4
     got = driver(cluster, TRAINER + """
-r = h.result(h.submit(nudged(4), step=4, tol=1e-6))
+from hessdist.hooks import SpectrumHook
+hook = SpectrumHook(h, tol=1e-6)
+model.load_state_dict(nudged(4))
+hook.after_epoch(model, 4)
+r, = hook.results()
 print(json.dumps({"warm": r["warm_start"], "steps": [e["step"] for e in h.history()]}))
 """)
     assert got["warm"] and got["steps"] == [0, 1, 2, 3, 4]
