@@ -37,13 +37,13 @@ def table() -> str:
         out.append("")
     rs = _load("ray_scaling")
     if rs:
-        p, s = rs["resnet18_cifar_shaped"], rs["step_overhead_9.5M_params"]
+        p, s = rs["resnet18_cifar_shaped"], rs["step_overhead_10M_params"]
         out += [f"### Ray layer ({rs['machine']['cpu_count']} CPU cores, GPU: {rs['machine']['gpu']}; {rs['machine']['date']})", "",
                 f"ResNet-18, {p['n_samples']} CIFAR-shaped images, one product: in-process (2 threads) "
                 f"{p['in_process_2_threads_s']:.2f} s; 1 Ray worker (1 CPU) {p['ray_1_worker_1_cpu_each_s']:.2f} s; "
                 f"2 Ray workers (1 CPU each) {p['ray_2_worker_1_cpu_each_s']:.2f} s; parallel efficiency 1→2 workers "
                 f"{p['parallel_efficiency_1_to_2']:.2f}.", "",
-                "| 9.5M-parameter model, Lanczos step | seconds | overhead beyond the product |", "| --- | ---: | ---: |",
+                "| 10.2M-parameter model, Lanczos step | seconds | overhead beyond the product |", "| --- | ---: | ---: |",
                 f"| product alone (in-process) | {s['product_s']:.3f} | — |",
                 f"| in-process step | {s['in_process_step_s']:.3f} | — |",
                 f"| Ray, basis on the workers (hessdist) | {s['ray_basis_on_workers_step_s']:.3f} | {100 * s['overhead_basis_on_workers']:.1f}% |",

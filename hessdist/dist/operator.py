@@ -31,7 +31,7 @@ class DistributedOperator(Operator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         ref = ray.put(V.cpu().numpy())
-        return torch.from_numpy(self.group.run("matmat", ref)[0]).to(V.device)
+        return torch.tensor(self.group.run("matmat", ref)[0]).to(V.device)
 
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
