@@ -7,13 +7,15 @@ run (residual tolerance 1e-9 relative). Counts are full-dataset products.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from hessdist.solvers.lanczos import lanczos
 
-from .common import operator, write
+from .common import RESULTS, operator, write
 
 TOL_MAX, TOL_MIN = 1e-3, 1e-2
 
@@ -62,7 +64,7 @@ def run(problem: str, power_cap: int, ref_tol: float) -> dict:
     op = operator(problem)
     ref = lanczos(op, which="LA,SA", k=1, tol=ref_tol, max_hvps=min(op.n, 2000), seed=123)
     lmax, lmin = float(ref.largest.values[0]), float(ref.smallest.values[0])
-    row = {"problem": problem, "n_params": op.n, "n_samples": op.n_samples, "lambda_max": lmax,
+    row = {"problem": problem, "power_cap": power_cap, "reference_tol": ref_tol, "n_params": op.n, "n_samples": op.n_samples, "lambda_max": lmax,
            "lambda_min": lmin, "reference_converged": ref.converged}
 
     hist_max, hist_min = [], []
@@ -100,11 +102,12 @@ def main(argv=None) -> None:
     ap.add_argument("--power-cap", type=int, default=300)
     ap.add_argument("--ref-tol", type=float, default=1e-9, help="residual tolerance of the reference run")
     args = ap.parse_args(argv)
-    rows = []
+    old = os.path.join(RESULTS, "solver_products.json")
+    rows = json.load(open(old))["rows"] if os.path.exists(old) else []
     for p in args.problems.split(","):          # written after every problem: nothing lost if stopped
-        rows.append(run(p, args.power_cap, args.ref_tol))
+        rows = [r for r in rows if r["problem"] != p] + [run(p, args.power_cap, args.ref_tol)]
         write("solver_products", {"tolerances": {"lambda_max": TOL_MAX, "lambda_min": TOL_MIN},
-                                  "power_cap": args.power_cap, "reference_tol": args.ref_tol, "rows": rows})
+                                  "rows": rows})
 
 
 if __name__ == "__main__":

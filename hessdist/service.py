@@ -13,6 +13,7 @@ Results are appended to ``<out_dir>/history.jsonl`` and eigenvectors saved to
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -28,6 +29,7 @@ from .errors import HessdistError, InputError, WorkerError
 from .solvers.lanczos import lanczos, parse_which
 
 NAMESPACE = "hessdist"
+SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed"}
 
 
 def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int) -> np.ndarray | None:
@@ -51,12 +53,15 @@ class EigenService:
         self.group_options = dict(group_options or {}, gpus_per_worker=gpus_per_worker)
         self.group = WorkerGroup(spec, workers, **self.group_options)
         self.op = DistributedOperator(self.group)
-        self._lock = threading.Lock()                 # guards the worker group (solve vs scale)
-        self.queued: list[int] = []
-        self._started: set[int] = set()
+        self._lock = threading.Lock()            # the worker group: one solve or scale at a time
+        self._cv = threading.Condition()         # the request queue and finished results
+        self._queue: collections.deque = collections.deque()
+        self._results: dict[int, tuple[bool, Any]] = {}
+        self._next_id = 0
         self.running, self.last_error = None, None
         self.history = self._load_history()
         self.vectors = self._load_vectors(self.history[-1]["step"]) if self.history else {}
+        threading.Thread(target=self._serve_queue, daemon=True, name="hessdist-solver").start()
 
     # -- persistence --------------------------------------------------------------------------
     @property
@@ -87,32 +92,48 @@ class EigenService:
             fh.flush()
             os.fsync(fh.fileno())
 
-    # -- solves -------------------------------------------------------------------------------
-    def enqueue(self, step: int) -> None:
-        """Note a submitted step for ``status`` (the solve itself waits in the solve queue)."""
-        if step not in self._started:
-            self.queued.append(step)
+    # -- solves: a FIFO queue served by one thread, in the order requests arrived ----------------
+    def enqueue(self, state: dict[str, np.ndarray], step: int, options: dict) -> int:
+        """Queue a solve; returns its request id at once (collect it with ``wait``)."""
+        with self._cv:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            self._queue.append((rid, state, step, options))
+            self._cv.notify_all()
+        return rid
 
-    @ray.method(concurrency_group="solve")
-    def solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
-              tol: float = 1e-4, max_hvps: int | None = None, budget_s: float | None = None,
-              compare_cold: bool = False, seed: int = 0) -> dict:
-        """One solve; the "solve" concurrency group (one thread) runs them in submission order."""
-        self._started.add(step)
-        if step in self.queued:
-            self.queued.remove(step)
-        self.running = {"step": step, "since": time.time()}
-        try:
-            with self._lock:
-                return self._solve(state, step, parse_which(which), k, tol, max_hvps, budget_s,
-                                   compare_cold, seed)
-        except Exception as exc:
-            self.last_error = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
-            raise
-        finally:
-            self.running = None
+    @ray.method(concurrency_group="wait")
+    def wait(self, rid: int) -> dict:
+        """The result of request ``rid`` (blocks until it is done; raises what the solve raised)."""
+        with self._cv:
+            while rid not in self._results:
+                self._cv.wait()
+            ok, value = self._results.pop(rid)
+        if not ok:
+            raise value
+        return value
 
-    def _solve(self, state, step, which, k, tol, max_hvps, budget_s, compare_cold, seed) -> dict:
+    def _serve_queue(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                rid, state, step, options = self._queue.popleft()
+                self.running = {"step": step, "since": time.time()}
+            try:
+                with self._lock:
+                    outcome = (True, self._solve(state, step, **options))
+            except Exception as exc:            # reported to the waiter and in status, never lost
+                self.last_error = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+                outcome = (False, exc)
+            with self._cv:
+                self._results[rid] = outcome
+                self.running = None
+                self._cv.notify_all()
+
+    def _solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
+               tol: float = 1e-4, max_hvps: int | None = None, budget_s: float | None = None,
+               compare_cold: bool = False, seed: int = 0) -> dict:
+        which = parse_which(which)
         if any(h["step"] == step for h in self.history):
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0 = time.time()
@@ -137,7 +158,8 @@ class EigenService:
     def status(self) -> dict:
         latest = self.history[-1] if self.history else None
         return {"workers": self.group.size, "gpus_per_worker": self.group.gpus,
-                "n_params": self.op.n, "n_samples": self.op.n_samples, "queued": list(self.queued),
+                "n_params": self.op.n, "n_samples": self.op.n_samples,
+                "queued": [request[2] for request in list(self._queue)],
                 "running": self.running, "solves": len(self.history), "last_error": self.last_error,
                 "workers_replaced": len(self.group.replacements), "out_dir": self.out_dir,
                 "worker_pids": [p["pid"] for p in self.group.placements],
@@ -161,7 +183,7 @@ class EigenService:
 
 
 RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0,
-                           concurrency_groups={"solve": 1})(EigenService)
+                           concurrency_groups={"wait": 256})(EigenService)
 
 
 def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_worker: float = 0,
@@ -205,11 +227,14 @@ class ServiceHandle:
 
     def submit(self, state_dict: Mapping[str, torch.Tensor], step: int, **options: Any) -> "ray.ObjectRef":
         """Queue a solve at these parameters (copied now: the trainer may keep updating its
-        model) and return a future at once. Options: which, k, tol, max_hvps, budget_s,
-        compare_cold, seed."""
+        model) and return a future at once. Solves run in the order they were submitted.
+        Options: which, k, tol, max_hvps, budget_s, compare_cold, seed."""
+        unknown = set(options) - SOLVE_OPTIONS
+        if unknown:
+            raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")
         state = {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
-        self.actor.enqueue.remote(step)
-        return self.actor.solve.remote(ray.put(state), step, **options)
+        rid = ray.get(self.actor.enqueue.remote(ray.put(state), step, options))
+        return self.actor.wait.remote(rid)
 
     def result(self, future: "ray.ObjectRef", timeout_s: float | None = None) -> dict:
         try:
