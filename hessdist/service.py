@@ -136,14 +136,14 @@ class EigenService:
         which = parse_which(which)
         if any(h["step"] == step for h in self.history):
             raise InputError(f"step {step} is already in the history; submit each step once")
-        t0 = time.time()
+        t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
         opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
                     return_vectors=True)
         v0 = warm_start_vector(self.vectors, self.op.n, seed)
         res = lanczos(self.op, v0=v0, **opts)
         entry = {"step": step, **res.to_dict(), "warm_start": v0 is not None,
-                 "workers": self.group.size, "workers_replaced": len(self.group.replacements)}
+                 "workers": self.group.size, "workers_replaced": len(self.group.replacements) - replaced}
         if compare_cold and v0 is not None:
             cold = lanczos(self.op, **{**opts, "return_vectors": False})
             entry.update(cold_hvps=cold.hvps, hvps_saved=cold.hvps - res.hvps)
