@@ -36,7 +36,7 @@ class DistributedOperator(Operator):
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
         loss, g = self.group.run("loss_and_gradient", arg)[0]
-        return loss, torch.from_numpy(g)
+        return loss, torch.tensor(g)
 
     def check_determinism(self, seed: int = 0) -> None:
         self.group.run("check_determinism", seed)
