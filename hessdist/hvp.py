@@ -67,6 +67,11 @@ class CurvatureOperator(Operator):
         self.batches = data if isinstance(data, Batches) else make_batches(
             data, batch_size, dtype=dtype, device=self.device)
         self._reduce = reducer or (lambda t: None)
+        self._batch_product = {("hessian", "forward"): self._hessian_forward,
+                               ("hessian", "double-backward"): self._hessian_double_backward,
+                               ("hessian", "finite-difference"): self._hessian_finite_difference,
+                               ("ggn", "forward"): self._ggn_forward,
+                               ("ggn", "double-backward"): self._ggn_double_backward}[(curvature, mode)]
         n_samples = torch.tensor([float(self.batches.n_samples)], dtype=torch.float64, device=self.device)
         self._reduce(n_samples)
         self.n_samples = int(n_samples.item())
@@ -114,13 +119,8 @@ class CurvatureOperator(Operator):
         T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
         p = self.layout.gather(self.model)
         total = torch.zeros(T.shape, dtype=torch.float64, device=self.device)
-        product = {("hessian", "forward"): self._hessian_forward,
-                   ("hessian", "double-backward"): self._hessian_double_backward,
-                   ("hessian", "finite-difference"): self._hessian_finite_difference,
-                   ("ggn", "forward"): self._ggn_forward,
-                   ("ggn", "double-backward"): self._ggn_double_backward}[(self.curvature, self.mode)]
         for i, (x, y) in enumerate(self.batches):
-            block = product(p, x, y, T)
+            block = self._batch_product(p, x, y, T)
             self._check_finite(block, i, "curvature product")
             total += block.to(torch.float64)
         self._reduce(total)
