@@ -79,13 +79,19 @@ class RemoteKrylovBasis(KrylovBasis):
             self._log.append(("basis_add_start", v))
         return left
 
-    def expand(self, j: int) -> np.ndarray:
-        col = self._same_on_every_rank(self.group.run("basis_expand", j), f"step {j}")
-        self.op.hvps += 1
-        if col[-1] > 0:
-            self._size += 1
-        self._log.append(("basis_expand", j))
-        return col
+    def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
+        results = self.group.run("basis_expand", j, count)
+        cols = [self._same_on_every_rank([r[i] for r in results], f"step {j + i}") for i in range(count)]
+        self.op.hvps += count
+        self._size += sum(col[-1] > 0 for col in cols)
+        self._log.append(("basis_expand", (j, count)))
+        return cols
+
+    def compress(self, Y: np.ndarray, expanded: int) -> None:
+        Y = np.asarray(Y, dtype=np.float64)
+        self.group.run("basis_compress", ray.put(Y), expanded)
+        self._size = Y.shape[1] + self._size - expanded
+        self._log.append(("basis_compress", (Y, expanded)))
 
     def combine(self, Y: np.ndarray) -> np.ndarray:
         return self.group.run("basis_combine", np.asarray(Y, dtype=np.float64))[0]
@@ -105,5 +111,10 @@ class RemoteKrylovBasis(KrylovBasis):
             return
         group._call("basis_reset")
         for method, arg in self._log:          # no survivor: recompute the basis (costs products)
-            group._call(method, ray.put(arg) if isinstance(arg, np.ndarray) else arg)
-            self.op.hvps += method == "basis_expand"
+            if method == "basis_add_start":
+                group._call(method, ray.put(arg))
+            elif method == "basis_expand":
+                group._call(method, *arg)
+                self.op.hvps += arg[1]
+            else:
+                group._call(method, ray.put(arg[0]), arg[1])

@@ -109,8 +109,11 @@ class CurvatureWorker:
     def basis_add_start(self, v: np.ndarray) -> float:
         return self.basis.add_start(v)
 
-    def basis_expand(self, j: int) -> np.ndarray:
-        return self.basis.expand(j)
+    def basis_expand(self, j: int, count: int = 1) -> list[np.ndarray]:
+        return self.basis.expand(j, count)
+
+    def basis_compress(self, Y: np.ndarray, expanded: int) -> None:
+        self.basis.compress(Y, expanded)
 
     def basis_combine(self, Y: np.ndarray) -> np.ndarray | None:
         return self._rank0(self.basis.combine(Y))

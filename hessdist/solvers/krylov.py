@@ -34,10 +34,16 @@ class KrylovBasis(ABC):
         ‖v‖ left after orthogonalisation (0 when v lies in the span; then nothing is appended)."""
 
     @abstractmethod
-    def expand(self, j: int) -> np.ndarray:
-        """One product w = A q_j, fully re-orthogonalised (classical Gram–Schmidt, twice) against
-        the basis, appended as q_m = w/β unless β ≈ 0. Returns the coefficients
-        [q_0ᵀAq_j, …, q_{m-1}ᵀAq_j, β] (length m + 1)."""
+    def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
+        """Products w = A q_i for i = j … j+count−1, in ONE call of the operator (one data pass
+        serves the block). Each w is fully re-orthogonalised (classical Gram–Schmidt, twice)
+        against the basis in turn and appended as w/β unless β ≈ 0. Returns, per column, the
+        coefficients [q_0ᵀAq_i, …, q_{m-1}ᵀAq_i, β] (length m + 1, m the size before that append)."""
+
+    @abstractmethod
+    def compress(self, Y: np.ndarray, expanded: int) -> None:
+        """Thick restart: replace the first ``expanded`` vectors by Q[:, :expanded] @ Y (Y has
+        orthonormal columns) and keep the vectors after them, which have not been expanded."""
 
     @abstractmethod
     def combine(self, Y: np.ndarray) -> np.ndarray:
@@ -71,7 +77,7 @@ class LocalKrylovBasis(KrylovBasis):
 
     def _append(self, q: torch.Tensor) -> None:
         if self._m == self._Q.shape[0]:
-            grown = torch.empty(min(2 * self._m, self.n), self.n, dtype=torch.float64, device=self.device)
+            grown = torch.empty(min(max(2 * self._m, 1), self.n), self.n, dtype=torch.float64, device=self.device)
             grown[: self._m] = self._Q
             self._Q = grown
         self._Q[self._m] = q
@@ -89,16 +95,25 @@ class LocalKrylovBasis(KrylovBasis):
             return left
         return 0.0
 
-    def expand(self, j: int) -> np.ndarray:
-        w = self.op.matmat(self._Q[j][:, None])[:, 0].to(torch.float64)
-        scale = float(w.norm())
-        w, h = self._orthogonalize(w)
-        beta = float(w.norm())
-        if beta > 1e-13 * max(scale, 1e-300) and self._m < self.n:
-            self._append(w / beta)
-        else:
-            beta = 0.0
-        return np.append(h.cpu().numpy(), beta)
+    def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
+        W = self.op.matmat(self._Q[j:j + count].T).to(torch.float64)
+        columns = []
+        for w in W.T:
+            scale = float(w.norm())
+            w, h = self._orthogonalize(w)
+            beta = float(w.norm())
+            if beta > 1e-13 * max(scale, 1e-300) and self._m < self.n:
+                self._append(w / beta)
+            else:
+                beta = 0.0
+            columns.append(np.append(h.cpu().numpy(), beta))
+        return columns
+
+    def compress(self, Y: np.ndarray, expanded: int) -> None:
+        Y = torch.tensor(Y, dtype=torch.float64, device=self.device)
+        kept = Y.T @ self._Q[:expanded]
+        self._Q = torch.cat([kept, self._Q[expanded:self._m]])
+        self._m = self._Q.shape[0]
 
     def combine(self, Y: np.ndarray) -> np.ndarray:
         Y = torch.tensor(Y, dtype=torch.float64, device=self.device)
