@@ -20,6 +20,7 @@ in-place SUM over processes) turns the per-shard sum into the full-dataset sum.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Mapping, Sequence, Union
 
 import torch
@@ -76,6 +77,24 @@ class CurvatureOperator(Operator):
         self._reduce(n_samples)
         self.n_samples = int(n_samples.item())
         self._check_first_batch()
+
+    def subset(self, fraction: float) -> "CurvatureOperator":
+        """A view over the first ⌈fraction · local samples⌉ of this process's batches (same model,
+        same parameters); with a reducer, every process must call it together."""
+        if not 0 < fraction <= 1:
+            raise InputError(f"fraction must lie in (0, 1], got {fraction}")
+        keep, batches = math.ceil(fraction * self.batches.n_samples), []
+        for x, y in self.batches:
+            if keep <= 0:
+                break
+            batches.append((x[:keep], y[:keep]))
+            keep -= len(y)
+        view = copy.copy(self)
+        view.batches, view.hvps = Batches(tuple(batches)), 0
+        n_samples = torch.tensor([float(view.batches.n_samples)], dtype=torch.float64, device=self.device)
+        self._reduce(n_samples)
+        view.n_samples = int(n_samples.item())
+        return view
 
     # -- parameters -------------------------------------------------------------------------
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -68,6 +68,11 @@ class Operator(ABC):
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
 
+    def subset(self, fraction: float) -> "Operator":
+        """The same curvature over a fixed leading ``fraction`` of the data (for a cheap search
+        that is then certified on the full data). Operators that own no data cannot."""
+        raise InputError(f"{type(self).__name__} has no data to take a subset of")
+
     def krylov_basis(self) -> "KrylovBasis":
         """A fresh Krylov basis over this operator, held where the products are computed."""
         from .solvers.krylov import LocalKrylovBasis

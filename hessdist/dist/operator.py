@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from ..errors import HessdistError
+from ..errors import HessdistError, InputError
 from ..operator import Operator
 from ..solvers.krylov import KrylovBasis
 from .group import WorkerGroup
@@ -21,9 +21,16 @@ from .group import WorkerGroup
 class DistributedOperator(Operator):
     """Full-dataset curvature products computed by a worker group."""
 
-    def __init__(self, group: WorkerGroup):
-        self.group = group
-        self.n, self.n_samples = group.n, group.n_samples
+    def __init__(self, group: WorkerGroup, fraction: float = 1.0):
+        self.group, self.fraction = group, fraction
+        self.n = group.n
+        self.n_samples = group.n_samples if fraction == 1.0 else group.run("subset_samples", fraction)[0]
+
+    def subset(self, fraction: float) -> "DistributedOperator":
+        """The same workers, each using the leading ``fraction`` of its shard."""
+        if not 0 < fraction <= 1:
+            raise InputError(f"fraction must lie in (0, 1], got {fraction}")
+        return DistributedOperator(self.group, float(fraction))
 
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
         """Send a ``state_dict`` once; every later product uses it."""
@@ -31,7 +38,7 @@ class DistributedOperator(Operator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         ref = ray.put(V.cpu().numpy())
-        return torch.tensor(self.group.run("matmat", ref)[0]).to(V.device)
+        return torch.tensor(self.group.run("matmat", ref, self.fraction)[0]).to(V.device)
 
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
@@ -56,7 +63,7 @@ class RemoteKrylovBasis(KrylovBasis):
         self.op, self.group, self.n = op, op.group, op.n
         self._size = 0
         self._log: list[tuple[str, Any]] = []
-        self.group.run("basis_reset")
+        self.group.run("basis_reset", op.fraction)
         self.group.holders = [self]          # one solve at a time owns the workers' basis
 
     @property
@@ -107,9 +114,9 @@ class RemoteKrylovBasis(KrylovBasis):
 
     def restore(self, group: WorkerGroup, rows: np.ndarray | None) -> None:
         if rows is not None:
-            group._call("basis_load", ray.put(rows))
+            group._call("basis_load", ray.put(rows), self.op.fraction)
             return
-        group._call("basis_reset")
+        group._call("basis_reset", self.op.fraction)
         for method, arg in self._log:          # no survivor: recompute the basis (costs products)
             if method == "basis_add_start":
                 group._call(method, ray.put(arg))

@@ -83,7 +83,18 @@ class CurvatureWorker:
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         self.rank = rank
         self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum)
+        self.subsets = {1.0: self.op}
         return self.op.n, self.op.n_samples
+
+    def _op(self, fraction: float = 1.0) -> CurvatureOperator:
+        """The operator over a leading fraction of this shard (built on first use; every rank
+        gets the same call at the same time, so the sample-count all-reduce inside lines up)."""
+        if fraction not in self.subsets:
+            self.subsets[fraction] = self.op.subset(fraction)
+        return self.subsets[fraction]
+
+    def subset_samples(self, fraction: float) -> int:
+        return self._op(fraction).n_samples
 
     def set_parameters(self, state: dict[str, np.ndarray]) -> None:
         self.op.set_parameters({k: torch.tensor(v) for k, v in state.items()})
@@ -92,8 +103,8 @@ class CurvatureWorker:
     def _rank0(self, value):
         return value if self.rank == 0 else None
 
-    def matmat(self, V: np.ndarray) -> np.ndarray | None:
-        return self._rank0(self.op.matmat(np.asarray(V)))
+    def matmat(self, V: np.ndarray, fraction: float = 1.0) -> np.ndarray | None:
+        return self._rank0(self._op(fraction).matmat(np.asarray(V)))
 
     def loss_and_gradient(self, theta: np.ndarray | None = None):
         loss, g = self.op.loss_and_gradient(None if theta is None else torch.from_numpy(theta))
@@ -103,8 +114,8 @@ class CurvatureWorker:
         self.op.check_determinism(seed)
 
     # -- Krylov basis replica (every rank does the same arithmetic on the same numbers) -------
-    def basis_reset(self) -> None:
-        self.basis = LocalKrylovBasis(self.op)
+    def basis_reset(self, fraction: float = 1.0) -> None:
+        self.basis = LocalKrylovBasis(self._op(fraction))
 
     def basis_add_start(self, v: np.ndarray) -> float:
         return self.basis.add_start(v)
@@ -121,6 +132,6 @@ class CurvatureWorker:
     def basis_export(self, size: int) -> np.ndarray:
         return self.basis.export(size)
 
-    def basis_load(self, rows: np.ndarray) -> None:
-        self.basis = LocalKrylovBasis(self.op)
+    def basis_load(self, rows: np.ndarray, fraction: float = 1.0) -> None:
+        self.basis = LocalKrylovBasis(self._op(fraction))
         self.basis.load(rows)
