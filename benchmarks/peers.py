@@ -44,6 +44,7 @@ from .common import RESULTS, trained_model, write
 from .solver_products import first_within
 
 TOL_MAX, TOL_MIN = 1e-3, 1e-2
+Data = tuple[torch.Tensor, torch.Tensor]
 PEERS = {"pyhessian": "PyHessian", "hessian_eigenthings": "hessian-eigenthings",
          "curvlinops": "curvlinops-for-pytorch"}
 
@@ -53,7 +54,7 @@ class CapReached(Exception):
 
 
 class Counter:
-    """Counts products and remembers when each finished (seconds since ``start``)."""
+    """Counts products and remembers when each finished (seconds since ``t0``)."""
 
     def __init__(self, cap: int):
         self.cap, self.n, self.times, self.t0 = cap, 0, {}, time.perf_counter()
@@ -108,7 +109,7 @@ def reference(op: CurvatureOperator, dense_max: int) -> dict:
 
 
 # -- the tools ------------------------------------------------------------------------------------
-def run_hessdist(model: nn.Module, data, true: tuple[float, float], cap: int) -> dict:
+def run_hessdist(model: nn.Module, data: Data, true: tuple[float, float], cap: int) -> dict:
     t0 = time.perf_counter()
     op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
                            mode="double-backward")
@@ -133,7 +134,7 @@ def run_hessdist(model: nn.Module, data, true: tuple[float, float], cap: int) ->
             "how": "hessdist.lanczos(which='LA,SA', k=1, tol=1e-4), double-backward products"}
 
 
-def run_pyhessian(model: nn.Module, data, true: tuple[float, float], cap: int, check: Callable) -> dict:
+def run_pyhessian(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
     ph = importlib.import_module("pyhessian.hessian")   # the module (the package rebinds the name)
 
     model, (x, y) = copy.deepcopy(model).double(), data
@@ -175,7 +176,7 @@ def run_pyhessian(model: nn.Module, data, true: tuple[float, float], cap: int, c
     finally:
         ph.hessian_vector_product = original
         torch.set_default_dtype(default)
-    return {"max": mx, "min": {"cannot": "largest |λ| only"}, "both": {"cannot": "no λ_min"},
+    return {"max": mx, "min": {"cannot": "largest magnitude only"}, "both": {"cannot": "no λ_min"},
             "own_stop": {"rule": "|Δλ| < 1e-3·|λ| (its default)", "products": own.n,
                          "seconds": setup + own.times[own.n], "err_max": rel(value, true[0]), "err_min": None},
             "sanity_rel_diff": sanity, "counting": "wrapped pyhessian.hessian.hessian_vector_product",
@@ -198,7 +199,7 @@ def _tridiagonal_prefixes(td, tol: float) -> tuple[list, list, dict]:
     return hist_max, hist_min, flags
 
 
-def run_eigenthings(model: nn.Module, data, true: tuple[float, float], cap: int, check: Callable) -> dict:
+def run_eigenthings(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
     import hessian_eigenthings as he
 
     model, (x, y) = copy.deepcopy(model).double().eval(), data
@@ -243,7 +244,7 @@ def run_eigenthings(model: nn.Module, data, true: tuple[float, float], cap: int,
                    "lanczos(max_iter=m, which='LA' or 'SA'), which does one end per call"}
 
 
-def run_curvlinops(model: nn.Module, data, true: tuple[float, float], cap: int, check: Callable) -> dict:
+def run_curvlinops(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
     import curvlinops
 
     model, (x, y) = copy.deepcopy(model).double().eval(), data
@@ -292,9 +293,19 @@ def _seconds(entry: dict) -> float:
     return next((t for t in times if t), float("inf"))
 
 
-def run(problem: str, cap: int, dense_max: int, repeats: int = 1) -> dict:
-    """All tools on one problem."""
-    model, data = trained_model(problem)
+def run(problem: str, cap: int, dense_max: int, repeats: int = 1, threads: int = 1) -> dict:
+    """All tools on one problem, every solve on ``threads`` torch and BLAS threads."""
+    model, data = trained_model(problem)   # default threads, as solver_products.py trains it: the
+    default = torch.get_num_threads()      # CNN's training differs across thread counts
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads):
+            return {**_run_tools(problem, model, data, cap, dense_max, repeats), "threads": threads}
+    finally:
+        torch.set_num_threads(default)
+
+
+def _run_tools(problem: str, model: nn.Module, data: Data, cap: int, dense_max: int, repeats: int) -> dict:
     op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
                            mode="double-backward")
     ref = reference(op, dense_max)
@@ -308,7 +319,7 @@ def run(problem: str, cap: int, dense_max: int, repeats: int = 1) -> dict:
 
     row = {"problem": problem, "n_params": op.n, "n_samples": op.n_samples, "lambda_max": true[0],
            "lambda_min": true[1], "reference": ref, "cap": cap, "repeats": repeats, "tools": []}
-    tools: list[tuple[str, Callable[[], dict]]] = [
+    tools: list[tuple[str, Callable[[], dict] | None]] = [
         ("hessdist", lambda: run_hessdist(model, data, true, cap)),
         ("hessdist (Ray workers)", None),
         ("PyHessian", lambda: run_pyhessian(model, data, true, cap, check)),
@@ -317,10 +328,9 @@ def run(problem: str, cap: int, dense_max: int, repeats: int = 1) -> dict:
     for (tool, fn), module in zip(tools, [None, None, *PEERS]):
         entry = {"tool": tool}
         if fn is None:
-            entry.update(status="skipped", note="same products and Lanczos steps as in-process by "
-                         "construction; Ray's time per product and per step is measured in "
-                         "ray_scaling.py, and a second local Ray cluster on this shared 2-core machine "
-                         "would compete with other Ray jobs")
+            entry.update(status="skipped", note="the same products and steps as in-process by "
+                         "construction (Ray's cost: ray_scaling.py); no second Ray cluster started beside "
+                         "other Ray jobs on this shared 2-core machine")
         else:
             if module:
                 try:
@@ -351,14 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (same for every tool)")
     ap.add_argument("--repeats", type=int, default=1, help="time each tool this often, keep the fastest")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)     # numpy/scipy BLAS too: the solvers' small dense work
     old = os.path.join(RESULTS, "peers.json")
     rows = json.load(open(old))["rows"] if os.path.exists(old) else []
     for p in args.problems.split(","):          # written after every problem: nothing lost if stopped
-        rows = [r for r in rows if r["problem"] != p] + [run(p, args.cap, args.dense_max, args.repeats)]
+        rows = [r for r in rows if r["problem"] != p] + [run(p, args.cap, args.dense_max, args.repeats, args.threads)]
         write("peers", {"tolerances": {"lambda_max": TOL_MAX, "lambda_min": TOL_MIN},
-                        "threads": args.threads, "rows": rows})
+                        "rows": rows})
 
 
 if __name__ == "__main__":

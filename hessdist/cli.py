@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .directions import curvature_along, line_scan, plot_curvatures, plot_line
 from .errors import HessdistError, InputError
 from .examples import EXAMPLES, cifar10_dir, get_example
 from .hvp import CURVATURES, MODES, CurvatureOperator
 from .imports import module_root, resolve
 from .params import load_state
+from .solvers.certify import subset_search
 from .solvers.lanczos import lanczos, parse_which
+from .solvers.slq import slq
+from .solvers.trace import hutchinson, hutchpp
 
 
 @dataclass
@@ -146,37 +152,215 @@ def make_operator(args: argparse.Namespace, job: Job, say: Callable[[str], None]
     return op, cleanup, {"workers": workers, "gpus_per_worker": gpus, "group": group}
 
 
-def cmd_eigs(args: argparse.Namespace) -> int:
+def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[str], None]], tuple[dict, str, int]]) -> int:
+    """The frame every analysis command shares: build the model and operator (local Ray cluster
+    by default), check determinism, run ``body(op, job, say)`` → (results, table, exit code), add
+    the problem's description, print the table, write ``--json``, and always release the workers."""
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    which = parse_which(args.which)
     t0 = time.perf_counter()
     job = build_job(args, say)
     op, cleanup, info = make_operator(args, job, say)
     try:
-        if args.k > op.n:
-            raise InputError(f"--k {args.k} exceeds the number of parameters n = {op.n}")
         if not args.no_check:
             op.check_determinism(seed=args.seed)
         check_hvps = op.hvps
-        progress = None if args.quiet else ProgressLine(args.max_hvps)
-        result = lanczos(op, which=which, k=args.k, tol=args.tol, max_hvps=args.max_hvps,
-                         budget_s=args.budget_s, seed=args.seed, return_vectors=False, callback=progress)
-        if progress:
-            progress.close()
+        out, table, code = body(op, job, say)
         group = info.pop("group", None)
-        out = {**result.to_dict(), "n_params": op.n, "n_samples": op.n_samples, **info,
-               "check_hvps": check_hvps, "total_seconds": time.perf_counter() - t0,
-               "curvature": args.curvature, "dtype": args.dtype, "mode": args.mode, "tol": args.tol,
-               "data": job.data_note, "example": args.example,
+        out = {**out, "n_params": op.n, "n_samples": op.n_samples, **info, "check_hvps": check_hvps,
+               "total_seconds": time.perf_counter() - t0, "curvature": args.curvature, "dtype": args.dtype,
+               "mode": args.mode, "data": job.data_note, "example": args.example,
                "workers_replaced": len(group.replacements) if group else 0}
     finally:
         cleanup()
-    print(format_table(out))
+    print(table)
+    print(problem_line(out))
+    if out["data"].startswith("SYNTHETIC"):
+        print(f"NOTE: {out['data']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         say(f"wrote {args.json}")
-    return 0 if result.converged else 2
+    return code
+
+
+def problem_line(out: dict) -> str:
+    return (f"{out['hvps']} products (+{out['check_hvps']} for the determinism check) in {out['seconds']:.2f} s; "
+            f"n = {out['n_params']:,} parameters, N = {out['n_samples']:,} samples, {out['workers']} worker(s)"
+            + (f"; {out['workers_replaced']} worker group rebuild(s)" if out["workers_replaced"] else ""))
+
+
+def load_vectors(path: str) -> dict[str, np.ndarray]:
+    """Saved eigenvectors ({"largest": (n, k), "smallest": (n, k)}, the service's {"LA", "SA"},
+    or one tensor), loaded with ``weights_only=True``; keys normalised to LA/SA/LM."""
+    if not os.path.isfile(path):
+        raise InputError(f"vector file {path!r} does not exist (write one with hessdist eigs --save-vectors)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if torch.is_tensor(data):
+        data = {"LA": data if data.ndim == 2 else data[:, None]}
+    if not isinstance(data, dict):
+        raise InputError(f"{path!r} holds a {type(data).__name__}, not eigenvectors")
+    return {END_KEYS.get(k, k): np.asarray(v, dtype=np.float64) for k, v in data.items()}
+
+
+END_KEYS = {"largest": "LA", "smallest": "SA", "largest_magnitude": "LM"}
+
+
+def cmd_eigs(args: argparse.Namespace) -> int:
+    which = parse_which(args.which)
+    v0 = None
+    if args.warm_start:
+        v0 = np.column_stack([block for block in load_vectors(args.warm_start).values()])
+
+    def body(op, job, say):
+        if args.k > op.n:
+            raise InputError(f"--k {args.k} exceeds the number of parameters n = {op.n}")
+        progress = None if args.quiet else ProgressLine(args.max_hvps)
+        options = dict(which=which, k=args.k, tol=args.tol, max_hvps=args.max_hvps, budget_s=args.budget_s,
+                       seed=args.seed, block=args.block, max_basis=args.max_basis, callback=progress)
+        if args.subset:
+            search = subset_search(op, start_fraction=args.subset, confidence=args.confidence, **options)
+            result, out = search.result, search.to_dict()
+        else:
+            result = lanczos(op, v0=v0, confidence=args.confidence, **options)
+            out = result.to_dict()
+        if progress:
+            progress.close()
+        if args.save_vectors:
+            torch.save({END_NAMES[w]: torch.from_numpy(p.vectors) for w, p in result.pairs.items()}, args.save_vectors)
+            say(f"saved eigenvectors to {args.save_vectors}")
+        out.update(tol=args.tol, warm_start=args.warm_start)
+        return out, format_table(out), 0 if result.converged else 2
+
+    return run_problem(args, body)
+
+
+END_NAMES = {v: k for k, v in END_KEYS.items()}
+
+
+def cmd_density(args: argparse.Namespace) -> int:
+    def body(op, job, say):
+        progress = None if args.quiet else (lambda i: say(f"probe {i['probe']}/{i['probes']}: {i['hvps']} products, "
+                                                          f"{i['seconds']:.1f}s"))
+        d = slq(op, probes=args.probes, steps=args.steps, seed=args.seed, callback=progress)
+        grid, phi = d.density(sigma=args.sigma, points=args.points)
+        out = {"grid": grid.tolist(), "density": phi.tolist(), "sigma": args.sigma or d.default_sigma(),
+               "support": list(d.support), "moments": d.moments(3).tolist(), "probes": args.probes,
+               "nodes": [t.tolist() for t in d.nodes], "weights": [w.tolist() for w in d.weights],
+               "tridiagonals": [T.tolist() for T in d.tridiagonals], "hvps": d.hvps, "seconds": d.seconds}
+        if args.png:
+            plot_density(grid, phi, args.png)
+            say(f"wrote {args.png}")
+        table = (f"spectral density from {args.probes} probes × {args.steps} steps: support "
+                 f"[{d.support[0]:.6g}, {d.support[1]:.6g}], trace/n ≈ {out['moments'][1]:.6g}, "
+                 f"σ = {out['sigma']:.3g}")
+        return out, table, 0
+
+    return run_problem(args, body)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    def body(op, job, say):
+        estimator = hutchpp if args.method == "hutch++" else hutchinson
+        est = estimator(op, hvps=args.hvps, block=args.block, seed=args.seed, confidence=args.confidence)
+        out = est.to_dict()
+        table = (f"trace ≈ {est.value:.8g} ± {est.std_error:.2g} (std. error); {100 * est.confidence:g}% interval "
+                 f"[{est.interval[0]:.8g}, {est.interval[1]:.8g}] ({est.method}, {est.samples} samples)")
+        return out, table, 0
+
+    return run_problem(args, body)
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    lower = args.threshold if args.threshold is not None else args.lower
+    if lower is None and args.upper is None:
+        raise InputError("give --threshold T (count eigenvalues ≥ T) or an interval --lower A --upper B")
+
+    def body(op, job, say):
+        d = slq(op, probes=args.probes, steps=args.steps, seed=args.seed)
+        c = d.count(-math.inf if lower is None else lower, math.inf if args.upper is None else args.upper,
+                    confidence=args.confidence)
+        out = {**c.to_dict(), "probes": args.probes, "steps": args.steps, "hvps": d.hvps, "seconds": d.seconds}
+        table = (f"eigenvalues in [{c.lower:.6g}, {c.upper:.6g}]: ≈ {c.estimate:.1f}; "
+                 f"{100 * c.confidence:g}% interval [{c.interval[0]:.1f}, {c.interval[1]:.1f}] "
+                 f"(probe std. error {c.probe_std_error:.2g}, boundary mass {c.boundary_mass:.2g})")
+        return out, table, 0
+
+    return run_problem(args, body)
+
+
+def pick_direction(args: argparse.Namespace) -> np.ndarray:
+    end, _, index = args.vector.partition(":")
+    vectors = load_vectors(args.direction)
+    end = END_KEYS.get(end, end)
+    if end not in vectors:
+        raise InputError(f"{args.direction!r} holds {sorted(vectors)}, not {args.vector!r}")
+    block = vectors[end]
+    i = int(index or 0)
+    if not 0 <= i < block.shape[1]:
+        raise InputError(f"{args.direction!r} holds {block.shape[1]} {end} vector(s); --vector index {i} is out of range")
+    return block[:, i]
+
+
+def cmd_curvature(args: argparse.Namespace) -> int:
+    direction = pick_direction(args)
+
+    def body(op, job, say):
+        rows, t0, hvps0 = [], time.perf_counter(), op.hvps
+        for path in args.checkpoints or [None]:
+            if path is not None:
+                op.set_parameters(load_checkpoint(path))
+            rows.append({"checkpoint": path or "(model as given)", "curvature": curvature_along(op, direction)})
+            say(f"{rows[-1]['checkpoint']}: vᵀHv = {rows[-1]['curvature']:.8g}")
+        if args.png:
+            plot_curvatures([os.path.basename(r["checkpoint"]) for r in rows], [r["curvature"] for r in rows], args.png)
+            say(f"wrote {args.png}")
+        out = {"direction": args.direction, "vector": args.vector, "curvatures": rows,
+               "hvps": op.hvps - hvps0, "seconds": time.perf_counter() - t0}
+        table = "\n".join(f"{r['checkpoint']:<40} vᵀHv = {r['curvature']:+.8g}" for r in rows)
+        return out, table, 0
+
+    return run_problem(args, body)
+
+
+def cmd_line(args: argparse.Namespace) -> int:
+    def body(op, job, say):
+        t0, hvps0 = time.perf_counter(), op.hvps
+        if args.direction:
+            direction, source = pick_direction(args), f"{args.direction} [{args.vector}]"
+        else:
+            which = parse_which(args.which)[0]
+            say(f"computing the {which} eigenvector first ...")
+            res = lanczos(op, which=which, k=1, tol=args.tol, seed=args.seed)
+            direction, source = res.pairs[which].vectors[:, 0], f"{which} eigenvector (λ = {res.pairs[which].values[0]:.6g})"
+        alphas = None
+        if args.alphas:
+            lo, hi, count = args.alphas.split(",")
+            alphas = np.linspace(float(lo), float(hi), int(count))
+        scan = line_scan(op, direction, alphas)
+        if args.png:
+            plot_line(scan, args.png, title=f"loss along {source}")
+            say(f"wrote {args.png}")
+        out = {**scan.to_dict(), "direction": source, "hvps": op.hvps - hvps0, "seconds": time.perf_counter() - t0}
+        table = (f"along {source}: L(θ) = {scan.loss_at_theta:.6g}, gᵀv = {scan.slope:.3g}, vᵀHv = {scan.curvature:.6g}; "
+                 f"α ∈ [{scan.alphas[0]:.3g}, {scan.alphas[-1]:.3g}]: largest |loss − quadratic model| = "
+                 f"{out['max_model_gap']:.3g}")
+        return out, table, 0
+
+    return run_problem(args, body)
+
+
+def plot_density(grid: np.ndarray, phi: np.ndarray, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(grid, np.maximum(phi, 1e-12))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (Gaussian-smoothed)")
+    ax.set_title("Hessian spectral density (SLQ)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -209,21 +393,21 @@ def cmd_manage(args: argparse.Namespace) -> int:
 
 
 def format_table(out: dict) -> str:
-    lines = [f"{'end':<9}{'i':>3}  {'eigenvalue':>16}  {'residual':>10}  {'bound':>10}  converged"]
+    lines = [f"{'end':<9}{'i':>3}  {'eigenvalue':>16}  {'residual':>10}  {'interval':>32}  converged"]
     for end in ("largest", "smallest", "largest_magnitude"):
         if end not in out:
             continue
         for i, value in enumerate(out[end]):
+            lo, hi = (("-inf" if b is None and j == 0 else "inf" if b is None else f"{b:.9g}")
+                      for j, b in enumerate(out["intervals"][end][i]))
             lines.append(f"{end[:8]:<9}{i:>3}  {value:>16.9g}  {out['residual_norms'][end][i]:>10.2e}  "
-                         f"{out['error_bounds'][end][i]:>10.2e}  {'yes' if out['converged_pairs'][end][i] else 'NO'}")
-    lines.append(f"{out['hvps']} products (+{out['check_hvps']} for the determinism check) in "
-                 f"{out['seconds']:.2f} s; n = {out['n_params']:,} parameters, N = {out['n_samples']:,} "
-                 f"samples, {out['workers']} worker(s); stopped: {out['stop_reason']}"
-                 + (f"; {out['workers_replaced']} worker group rebuild(s)" if out["workers_replaced"] else ""))
+                         f"{'[' + lo + ', ' + hi + ']':>32}  {'yes' if out['converged_pairs'][end][i] else 'NO'}")
+    for end, limit in out.get("limits", {}).items():
+        lines.append(f"with probability ≥ {out['confidence']}: no eigenvalue {'above' if end == 'largest' else 'below'} "
+                     f"{limit:.9g}")
+    lines.append(f"stopped: {out['stop_reason']}" + (f" after {out['restarts']} thick restart(s)" if out.get("restarts") else ""))
     if not out["converged"]:
-        lines.append("WARNING: not every pair met --tol; the values above are estimates within their residuals")
-    if out["data"].startswith("SYNTHETIC"):
-        lines.append(f"NOTE: {out['data']}")
+        lines.append("WARNING: not every pair met --tol; the values above are estimates within their intervals")
     return "\n".join(lines)
 
 
@@ -248,6 +432,7 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--no-check", action="store_true", help="skip the determinism check (3 products)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -258,10 +443,61 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default="LA,SA", help="LA (largest), SA (smallest), LM; comma-separated")
     p.add_argument("--k", type=int, default=1, help="pairs per end")
     p.add_argument("--tol", type=float, default=1e-4, help="residual tolerance relative to max|λ|")
-    p.add_argument("--max-hvps", type=int, help="stop after this many products")
+    p.add_argument("--max-hvps", type=int, help="stop after this many products (never exceeded)")
     p.add_argument("--budget-s", type=float, help="stop before this many seconds")
-    p.add_argument("--no-check", action="store_true", help="skip the determinism check (3 products)")
+    p.add_argument("--block", type=int, help="columns per product call (default: the start block's width)")
+    p.add_argument("--max-basis", type=int, help="basis vectors kept before a thick restart (default: 4 GiB)")
+    p.add_argument("--confidence", type=float, default=0.999, help="for the probabilistic 'nothing beyond' limits")
+    p.add_argument("--warm-start", help="start from the eigenvectors in this file (from --save-vectors)")
+    p.add_argument("--save-vectors", help="write the eigenvectors here (torch.save of {largest, smallest})")
+    p.add_argument("--subset", type=float, help="search on this fraction of the data, certify on all of it, "
+                   "doubling the fraction until the certified values settle")
     p.set_defaults(func=cmd_eigs)
+
+    p = sub.add_parser("density", help="spectral density by stochastic Lanczos quadrature")
+    add_problem_options(p)
+    p.add_argument("--probes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=80, help="Lanczos steps (products) per probe")
+    p.add_argument("--sigma", type=float, help="Gaussian smoothing width (default: support / steps)")
+    p.add_argument("--points", type=int, default=1000, help="grid points")
+    p.add_argument("--png", help="plot the density here")
+    p.set_defaults(func=cmd_density)
+
+    p = sub.add_parser("trace", help="trace of the curvature with an error bar")
+    add_problem_options(p)
+    p.add_argument("--method", choices=("hutch++", "hutchinson"), default="hutch++")
+    p.add_argument("--hvps", type=int, default=60, help="products to spend")
+    p.add_argument("--block", type=int, default=8, help="columns per product call")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("count", help="number of eigenvalues above a threshold or in an interval (SLQ)")
+    add_problem_options(p)
+    p.add_argument("--threshold", type=float, help="count eigenvalues ≥ this (a numerical rank)")
+    p.add_argument("--lower", type=float)
+    p.add_argument("--upper", type=float)
+    p.add_argument("--probes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("curvature", help="vᵀH(θ)v of a saved direction at one or more checkpoints")
+    add_problem_options(p)
+    p.add_argument("--direction", required=True, help="vector file (from eigs --save-vectors or the service)")
+    p.add_argument("--vector", default="largest:0", help="which saved vector: END:INDEX (default largest:0)")
+    p.add_argument("--checkpoints", nargs="+", help="state_dict files to evaluate at (default: --checkpoint/the model)")
+    p.add_argument("--png", help="plot the curvatures here")
+    p.set_defaults(func=cmd_curvature)
+
+    p = sub.add_parser("line", help="loss along a direction against its quadratic model")
+    add_problem_options(p)
+    p.add_argument("--direction", help="vector file; default: compute the --which eigenvector first")
+    p.add_argument("--vector", default="largest:0", help="which saved vector: END:INDEX")
+    p.add_argument("--which", default="SA", help="eigenvector to compute when no --direction (LA or SA)")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--alphas", help="MIN,MAX,COUNT (default: where the quadratic term ≈ the loss)")
+    p.add_argument("--png", help="plot loss and model here")
+    p.set_defaults(func=cmd_line)
 
     p = sub.add_parser("serve", help="start a named, detached eigen-service on a Ray cluster")
     add_problem_options(p)

@@ -27,6 +27,8 @@ class Operator(ABC):
     n: int
     #: full-dataset products computed so far, one per column of a block
     hvps: int = 0
+    #: samples the products average over (operators without data: 0)
+    n_samples: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -40,6 +40,11 @@ class DistributedOperator(Operator):
         ref = ray.put(V.cpu().numpy())
         return torch.tensor(self.group.run("matmat", ref, self.fraction)[0]).to(V.device)
 
+    @property
+    def parameters(self) -> torch.Tensor:
+        """The workers' current flat parameter vector θ (float64)."""
+        return torch.tensor(self.group.run("parameters")[0])
+
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
         loss, g = self.group.run("loss_and_gradient", arg)[0]

@@ -110,6 +110,9 @@ class CurvatureWorker:
         loss, g = self.op.loss_and_gradient(None if theta is None else torch.from_numpy(theta))
         return self._rank0((loss, g.cpu().numpy()))
 
+    def parameters(self) -> np.ndarray | None:
+        return self._rank0(self.op.parameters.cpu().numpy())
+
     def check_determinism(self, seed: int = 0) -> None:
         self.op.check_determinism(seed)
 
