@@ -29,18 +29,17 @@ from .errors import HessdistError, InputError, WorkerError
 from .solvers.lanczos import lanczos, parse_which
 
 NAMESPACE = "hessdist"
-SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed"}
+SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed", "block", "max_basis",
+                 "confidence"}
 
 
-def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int) -> np.ndarray | None:
-    """One start vector rich in every previous eigenvector (both ends), plus a little noise so
-    that directions the previous solve missed are not excluded from the Krylov space."""
+def warm_start_block(previous: Mapping[str, np.ndarray], n: int) -> np.ndarray | None:
+    """The previous solve's eigenvectors (both ends) as the start block; the solver appends a
+    random column, so directions they miss are still searched."""
     columns = [v for block in previous.values() for v in np.asarray(block).T]
     if not columns or any(c.shape != (n,) for c in columns):
         return None
-    v0 = sum(c / np.linalg.norm(c) for c in columns)
-    noise = np.random.default_rng(seed).standard_normal(n)
-    return v0 / np.linalg.norm(v0) + 1e-3 * noise / np.linalg.norm(noise)
+    return np.column_stack(columns)
 
 
 class EigenService:
@@ -132,15 +131,15 @@ class EigenService:
 
     def _solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
                tol: float = 1e-4, max_hvps: int | None = None, budget_s: float | None = None,
-               compare_cold: bool = False, seed: int = 0) -> dict:
+               compare_cold: bool = False, seed: int = 0, **solver_options: Any) -> dict:
         which = parse_which(which)
         if any(h["step"] == step for h in self.history):
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
         opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
-                    return_vectors=True)
-        v0 = warm_start_vector(self.vectors, self.op.n, seed)
+                    return_vectors=True, **solver_options)
+        v0 = warm_start_block(self.vectors, self.op.n)
         res = lanczos(self.op, v0=v0, **opts)
         entry = {"step": step, **res.to_dict(), "warm_start": v0 is not None,
                  "workers": self.group.size, "workers_replaced": len(self.group.replacements) - replaced}
@@ -228,7 +227,7 @@ class ServiceHandle:
     def submit(self, state_dict: Mapping[str, torch.Tensor], step: int, **options: Any) -> "ray.ObjectRef":
         """Queue a solve at these parameters (copied now: the trainer may keep updating its
         model) and return a future at once. Solves run in the order they were submitted.
-        Options: which, k, tol, max_hvps, budget_s, compare_cold, seed."""
+        Options: which, k, tol, max_hvps, budget_s, compare_cold, seed, block, max_basis, confidence."""
         unknown = set(options) - SOLVE_OPTIONS
         if unknown:
             raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")

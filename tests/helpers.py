@@ -14,6 +14,7 @@ from torch.func import functional_call, jacrev
 
 from hessdist.examples import digits, train_full_batch
 from hessdist.models import ResNet
+from hessdist.operator import Operator
 
 
 
@@ -102,3 +103,21 @@ def reference(name: str):
     model = MODELS[name]()
     data = digits_subset()
     return model, dense_hessian(model, *data), dense_ggn_cross_entropy(model, *data)
+
+
+class DenseOperator(Operator):
+    """A dense float64 matrix (a real model's Hessian from dense_hessian) behind the Operator
+    interface: the solvers' statistics are checked over hundreds of seeds at matrix speed."""
+
+    def __init__(self, H: np.ndarray):
+        self.H, self.n = torch.from_numpy(np.ascontiguousarray(H)), H.shape[0]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.H @ V
+
+
+@functools.lru_cache(maxsize=None)
+def trained_mlp_hessian() -> np.ndarray:
+    """Dense Hessian of the trained digits MLP (λ_max/|λ_min| in the hundreds, a dense bulk at 0)."""
+    model, data = trained_digits_mlp()
+    return dense_hessian(model, *data)
