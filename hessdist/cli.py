@@ -23,7 +23,7 @@ from .hvp import CURVATURES, MODES, CurvatureOperator
 from .imports import module_root, resolve
 from .params import load_state
 from .solvers.certify import subset_search
-from .solvers.lanczos import lanczos, parse_which
+from .solvers.lanczos import lanczos, parse_which, warm_start_vector
 from .solvers.slq import slq
 from .solvers.trace import hutchinson, hutchpp
 
@@ -207,9 +207,7 @@ END_KEYS = {"largest": "LA", "smallest": "SA", "largest_magnitude": "LM"}
 
 def cmd_eigs(args: argparse.Namespace) -> int:
     which = parse_which(args.which)
-    v0 = None
-    if args.warm_start:
-        v0 = np.column_stack([block for block in load_vectors(args.warm_start).values()])
+    warm = load_vectors(args.warm_start) if args.warm_start else None
 
     def body(op, job, say):
         if args.k > op.n:
@@ -221,6 +219,9 @@ def cmd_eigs(args: argparse.Namespace) -> int:
             search = subset_search(op, start_fraction=args.subset, confidence=args.confidence, **options)
             result, out = search.result, search.to_dict()
         else:
+            v0 = None if warm is None else warm_start_vector(warm, op.n, args.seed)
+            if warm is not None and v0 is None:
+                raise InputError(f"the vectors in {args.warm_start!r} do not have n = {op.n} entries")
             result = lanczos(op, v0=v0, confidence=args.confidence, **options)
             out = result.to_dict()
         if progress:

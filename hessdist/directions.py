@@ -47,7 +47,7 @@ class LineScan:
 
     def to_dict(self) -> dict:
         return {"alphas": self.alphas.tolist(), "loss": self.loss.tolist(), "quadratic_model": self.quadratic.tolist(),
-                "loss_at_theta": self.loss_at_theta, "slope": self.slope, "curvature": self.curvature,
+                "loss_at_theta": self.loss_at_theta, "slope": self.slope, "curvature_along_direction": self.curvature,
                 "max_model_gap": float(np.abs(self.loss - self.quadratic).max())}
 
 

@@ -26,20 +26,11 @@ import torch
 
 from .dist import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, WorkerError
-from .solvers.lanczos import lanczos, parse_which
+from .solvers.lanczos import lanczos, parse_which, warm_start_vector
 
 NAMESPACE = "hessdist"
 SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed", "block", "max_basis",
                  "confidence"}
-
-
-def warm_start_block(previous: Mapping[str, np.ndarray], n: int) -> np.ndarray | None:
-    """The previous solve's eigenvectors (both ends) as the start block; the solver appends a
-    random column, so directions they miss are still searched."""
-    columns = [v for block in previous.values() for v in np.asarray(block).T]
-    if not columns or any(c.shape != (n,) for c in columns):
-        return None
-    return np.column_stack(columns)
 
 
 class EigenService:
@@ -139,7 +130,7 @@ class EigenService:
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
         opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
                     return_vectors=True, **solver_options)
-        v0 = warm_start_block(self.vectors, self.op.n)
+        v0 = warm_start_vector(self.vectors, self.op.n, seed)
         res = lanczos(self.op, v0=v0, **opts)
         entry = {"step": step, **res.to_dict(), "warm_start": v0 is not None,
                  "workers": self.group.size, "workers_replaced": len(self.group.replacements) - replaced}

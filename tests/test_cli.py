@@ -132,3 +132,32 @@ def test_cifar10_reader_standard_format(tmp_path):
     x1, _ = cifar10(rank=1, world_size=2, root=str(tmp_path))
     assert torch.equal(x1, x[1::2])
     assert os.path.isdir(d)
+
+
+def test_cli_spectrum_subcommands(tmp_path, digits_mlp_spectrum):
+    """eigs --save-vectors → curvature and line along the saved vector; trace, count, density;
+    each writes JSON in the same style, checked against the dense eigenvalues."""
+    lam = digits_mlp_spectrum
+    common = ["--example", "digits-mlp", "--workers", "0", "--dtype", "float64", "--quiet", "--no-check"]
+
+    def run(*argv):
+        path = tmp_path / f"{argv[0]}.json"
+        assert main([*argv, *common, "--json", str(path)]) == 0
+        out = json.loads(path.read_text())
+        assert {"hvps", "seconds", "n_params", "n_samples", "workers"} <= set(out)
+        return out
+
+    vectors = tmp_path / "v.pt"
+    run("eigs", "--tol", "1e-8", "--save-vectors", str(vectors))
+    out = run("curvature", "--direction", str(vectors), "--vector", "largest:0", "--png", str(tmp_path / "c.png"))
+    assert abs(out["curvatures"][0]["curvature"] - lam[-1]) < 1e-7 * lam[-1]
+    out = run("line", "--direction", str(vectors), "--vector", "smallest:0", "--alphas=-1,1,5",
+              "--png", str(tmp_path / "l.png"))
+    assert len(out["loss"]) == 5 and abs(out["curvature_along_direction"] - lam[0]) < 1e-6 * lam[-1]
+    out = run("trace", "--hvps", "30")
+    assert out["interval"][0] <= lam.sum() <= out["interval"][1]
+    out = run("count", "--threshold", str((lam[-1] + lam[-2]) / 2), "--probes", "4", "--steps", "30")
+    assert out["interval"][0] <= 1 <= out["interval"][1]
+    out = run("density", "--probes", "2", "--steps", "20", "--png", str(tmp_path / "d.png"))
+    assert abs(np.trapezoid(out["density"], out["grid"]) - 1) < 1e-3
+    assert all(os.path.getsize(tmp_path / f) > 0 for f in ("c.png", "l.png", "d.png"))

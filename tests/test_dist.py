@@ -142,3 +142,26 @@ def test_too_many_resources_fail_fast_with_a_message():
 def test_module_that_does_not_import_on_a_worker():
     with pytest.raises(InputError, match="on a worker: cannot import module 'not_a_module'"):
         WorkerGroup(spec(model="not_a_module:make"), 1, start_timeout_s=60)
+
+
+def test_subset_density_trace_and_line_through_workers(groups):
+    """Issue-5 features on the worker group give the in-process numbers: a subset (each rank's
+    leading half of its strided shard = the first 61 samples), SLQ, Hutch++ and a line scan."""
+    from hessdist.directions import line_scan
+    from hessdist.solvers.slq import slq
+    from hessdist.solvers.trace import hutchpp
+    dist_op, local = DistributedOperator(groups[2]), in_process()
+    dist_op.set_parameters(local.model.state_dict())
+    x, y = data_factory()
+    sub, ref = dist_op.subset(0.5), CurvatureOperator(helpers.cnn_bn(), "cross_entropy", (x[:61], y[:61]),
+                                                      batch_size=32, dtype=torch.float64)
+    V = np.random.default_rng(0).standard_normal((local.n, 2))
+    assert sub.n_samples == 61
+    np.testing.assert_allclose(sub.matmat(V), ref.matmat(V), rtol=1e-10, atol=1e-13)
+    d_dist, d_local = slq(dist_op, probes=2, steps=12, seed=1), slq(local, probes=2, steps=12, seed=1)
+    for a, b in zip(d_dist.nodes, d_local.nodes):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert abs(hutchpp(dist_op, hvps=12, seed=2).value - hutchpp(local, hvps=12, seed=2).value) < 1e-9
+    v = V[:, 0]
+    np.testing.assert_allclose(line_scan(dist_op, v, [-0.1, 0.1]).loss, line_scan(local, v, [-0.1, 0.1]).loss,
+                               rtol=1e-12)
