@@ -119,27 +119,35 @@ class ProgressLine:
             self.stream.write("\n")
 
 
+def operator_options(args: argparse.Namespace) -> dict:
+    """The product options every operator (in-process, workers, service) is built with."""
+    return {"curvature": args.curvature, "mode": args.mode, "batch_size": args.batch_size,
+            "params": tuple(args.params.split(",")) if args.params else None, "compiled": args.compile,
+            "channels_last": args.channels_last, "tf32": args.tf32}
+
+
+def operator_spec(args: argparse.Namespace, job: Job):
+    from .dist import OperatorSpec
+    return OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss, dtype=args.dtype,
+                        **operator_options(args))
+
+
 def make_operator(args: argparse.Namespace, job: Job, say: Callable[[str], None]):
     """The in-process operator (``--workers 0``) or a worker group on Ray; returns
     (operator, cleanup function, description of the workers)."""
-    dtype = getattr(torch, args.dtype)
-    params = args.params.split(",") if args.params else None
     if args.workers == 0:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         factory = resolve(job.data_factory) if isinstance(job.data_factory, str) else job.data_factory
-        op = CurvatureOperator(job.model, job.loss, factory(), curvature=args.curvature, mode=args.mode,
-                               batch_size=args.batch_size, dtype=dtype, device=device, params=params)
+        op = CurvatureOperator(job.model, job.loss, factory(), dtype=getattr(torch, args.dtype), device=device,
+                               **operator_options(args))
         return op, (lambda: None), {"workers": 0, "device": device}
-    from .dist import DistributedOperator, OperatorSpec, WorkerGroup, connect, default_workers
+    from .dist import DistributedOperator, WorkerGroup, connect, default_workers
     workers = args.workers if args.workers is not None else default_workers()
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
     started = connect(args.address, num_cpus=max(os.cpu_count() or 1, workers), runtime_env=job.runtime_env())
     say(f"{'started a local Ray cluster' if started else 'joined the Ray cluster'}; "
         f"starting {workers} worker(s) ({gpus} GPU each) ...")
-    spec = OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss,
-                        curvature=args.curvature, mode=args.mode, batch_size=args.batch_size,
-                        dtype=args.dtype, params=tuple(params) if params else None)
-    group = WorkerGroup(spec, workers, gpus_per_worker=gpus)
+    group = WorkerGroup(operator_spec(args, job), workers, gpus_per_worker=gpus)
     op = DistributedOperator(group)
     op.set_parameters(job.model.state_dict())
 
@@ -168,7 +176,7 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
         group = info.pop("group", None)
         out = {**out, "n_params": op.n, "n_samples": op.n_samples, **info, "check_hvps": check_hvps,
                "total_seconds": time.perf_counter() - t0, "curvature": args.curvature, "dtype": args.dtype,
-               "mode": args.mode, "data": job.data_note, "example": args.example,
+               "products": op.describe(), "data": job.data_note, "example": args.example,
                "workers_replaced": len(group.replacements) if group else 0}
     finally:
         cleanup()
@@ -186,7 +194,18 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
 def problem_line(out: dict) -> str:
     return (f"{out['hvps']} products (+{out['check_hvps']} for the determinism check) in {out['seconds']:.2f} s; "
             f"n = {out['n_params']:,} parameters, N = {out['n_samples']:,} samples, {out['workers']} worker(s)"
-            + (f"; {out['workers_replaced']} worker group rebuild(s)" if out["workers_replaced"] else ""))
+            + (f"; {out['workers_replaced']} worker group rebuild(s)" if out["workers_replaced"] else "")
+            + product_line(out.get("products") or {}))
+
+
+def product_line(products: dict) -> str:
+    if not products:
+        return ""
+    flags = [name for name in ("compiled", "channels_last", "tf32") if products.get(name)]
+    memory = [f"{label} {products[key] / 2**20:,.0f} MiB" for key, label in
+              (("peak_device_bytes", "device"), ("peak_host_rss_bytes", "host RSS")) if products.get(key)]
+    return (f"\nproducts: {products['mode']}{' + ' + ', '.join(flags) if flags else ''}, micro-batch "
+            f"{products['micro_batch']}; peak memory per worker: {', '.join(memory)}")
 
 
 def load_vectors(path: str) -> dict[str, np.ndarray]:
@@ -366,12 +385,10 @@ def plot_density(grid: np.ndarray, phi: np.ndarray, path: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import service
-    from .dist import OperatorSpec, connect, default_workers
+    from .dist import connect, default_workers
     job = build_job(args, lambda msg: print(msg, file=sys.stderr, flush=True))
     connect(args.address or "auto", runtime_env=job.runtime_env())
-    spec = OperatorSpec(model=job.model_factory, data=job.data_factory, loss=job.loss,
-                        curvature=args.curvature, mode=args.mode, batch_size=args.batch_size,
-                        dtype=args.dtype, params=tuple(args.params.split(",")) if args.params else None)
+    spec = operator_spec(args, job)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
     workers = args.workers if args.workers is not None else default_workers()
     out_dir = args.out_dir or os.path.join("hessdist-out", args.name)
@@ -423,8 +440,12 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
                    help="folder holding cifar-10-batches-py/ (resnet18-cifar)")
     p.add_argument("--n-samples", type=int, help="use the first N samples (resnet18-cifar)")
     p.add_argument("--curvature", choices=CURVATURES, default="hessian")
-    p.add_argument("--mode", choices=MODES, default="forward", help="how products are computed")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="how products are computed (auto: the faster exact mode, timed on the first batch)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the batch product (pays off on long runs)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights and image batches")
+    p.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls/convolutions (CUDA; lower precision)")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--params", help="comma-separated parameter names or patterns (default: all)")
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 2); 0 = in-process")

@@ -19,3 +19,7 @@ class NonDeterministicError(HessdistError):
 
 class WorkerError(HessdistError, RuntimeError):
     """A worker died or timed out more often than the retry budget allows, or could not start."""
+
+
+class OutOfMemory(HessdistError, MemoryError):
+    """The device ran out of memory even at the smallest micro-batch that keeps the answer exact."""

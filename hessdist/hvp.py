@@ -13,14 +13,28 @@ Three ways to compute a batch's product (``mode``):
   models whose operations lack any second-order AD. Hessian only; its relative error is
   O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 (measured in tests/test_hvp.py).
 
-The exact modes agree to rounding. Sums are accumulated in float64 and divided by the total
-sample count, so an uneven last batch or unequal shards do not bias the mean. ``reducer`` (an
-in-place SUM over processes) turns the per-shard sum into the full-dataset sum.
+The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
+batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
+and divided by the total sample count, so an uneven last batch or unequal shards do not bias the
+mean. ``reducer`` (an in-place SUM over processes) turns the per-shard sum into the full-dataset
+sum.
+
+Speed options, each measured in ``benchmarks/product_cost.py``: ``compiled`` (``torch.compile``
+of the batch product; one compilation per batch shape and block width), ``channels_last``
+(convolution weights and image batches in NHWC), ``tf32`` (CUDA only: TensorFloat-32 matmuls
+and convolutions, an opt-in lower precision whose effect on eigenvalues is in
+``benchmarks/results/precision.json``). Data stay on the compute device. When the device runs
+out of memory, a batch is split into micro-batches of half the size and redone (same sum, more
+passes), with a warning — never with a different answer.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import resource
+import time
+import warnings
 from typing import Callable, Mapping, Sequence, Union
 
 import torch
@@ -28,14 +42,18 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .data import Batches, DataLike, make_batches
-from .errors import InputError, NonDeterministicError, NonFiniteError
+from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
 from .losses import LossFn, get_loss
 from .operator import Operator
 from .params import ParameterLayout, load_state
 
 CURVATURES = ("hessian", "ggn")
-MODES = ("forward", "double-backward", "finite-difference")
+MODES = ("auto", "forward", "double-backward", "finite-difference")
 Reducer = Callable[[torch.Tensor], None]
+
+
+class MicroBatchWarning(UserWarning):
+    """The device ran out of memory and batches are now split into smaller micro-batches."""
 
 
 class CurvatureOperator(Operator):
@@ -49,7 +67,8 @@ class CurvatureOperator(Operator):
                  curvature: str = "hessian", mode: str = "forward", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  params: Sequence[str] | None = None, eval_mode: bool = True,
-                 reducer: Reducer | None = None):
+                 reducer: Reducer | None = None, compiled: bool = False, channels_last: bool = False,
+                 tf32: bool = False):
         if curvature not in CURVATURES:
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
@@ -57,9 +76,13 @@ class CurvatureOperator(Operator):
         if curvature == "ggn" and mode == "finite-difference":
             raise InputError("finite differences of gradients give Hessian products only; "
                              "use mode='forward' or 'double-backward' for the GGN")
-        self.curvature, self.mode, self.dtype = curvature, mode, dtype
         self.device = torch.device(device)
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype)
+        if tf32 and self.device.type != "cuda":
+            raise InputError("tf32 is a CUDA matmul/convolution precision; drop --tf32 on a CPU device")
+        self.curvature, self.mode, self.dtype = curvature, mode, dtype
+        self.compiled, self.channels_last, self.tf32, self.eval_mode = compiled, channels_last, tf32, eval_mode
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype, memory_format=memory_format)
         if eval_mode:
             self.model.eval()
         self.loss_fn = get_loss(loss)
@@ -67,16 +90,21 @@ class CurvatureOperator(Operator):
         self.n = self.layout.n
         self.batches = data if isinstance(data, Batches) else make_batches(
             data, batch_size, dtype=dtype, device=self.device)
+        if channels_last:
+            self.batches = Batches(tuple((x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x, y)
+                                         for x, y in self.batches))
+        #: samples per forward pass; halved when the device runs out of memory
+        self.micro_batch = max(len(y) for _, y in self.batches)
         self._reduce = reducer or (lambda t: None)
-        self._batch_product = {("hessian", "forward"): self._hessian_forward,
-                               ("hessian", "double-backward"): self._hessian_double_backward,
-                               ("hessian", "finite-difference"): self._hessian_finite_difference,
-                               ("ggn", "forward"): self._ggn_forward,
-                               ("ggn", "double-backward"): self._ggn_double_backward}[(curvature, mode)]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         n_samples = torch.tensor([float(self.batches.n_samples)], dtype=torch.float64, device=self.device)
         self._reduce(n_samples)
         self.n_samples = int(n_samples.item())
         self._check_first_batch()
+        if mode == "auto":
+            self.mode = self._fastest_mode()
+        self._batch_product = self._product_function(self.mode, compiled)
 
     def subset(self, fraction: float) -> "CurvatureOperator":
         """A view over the first ⌈fraction · local samples⌉ of this process's batches (same model,
@@ -95,6 +123,47 @@ class CurvatureOperator(Operator):
         self._reduce(n_samples)
         view.n_samples = int(n_samples.item())
         return view
+
+    def _product_function(self, mode: str, compiled: bool) -> Callable:
+        fn = {("hessian", "forward"): self._hessian_forward,
+              ("hessian", "double-backward"): self._hessian_double_backward,
+              ("hessian", "finite-difference"): self._hessian_finite_difference,
+              ("ggn", "forward"): self._ggn_forward,
+              ("ggn", "double-backward"): self._ggn_double_backward}[(self.curvature, mode)]
+        return torch.compile(fn, dynamic=False) if compiled else fn
+
+    def _fastest_mode(self, repeats: int = 3) -> str:
+        """Time one single-column product on the first batch in each exact mode (after a warm-up
+        call) and return the faster; these products are not counted in ``hvps``."""
+        x, y = self.batches.batches[0]
+        p = self.layout.gather(self.model)
+        T = torch.randn(1, self.n, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        seconds = {}
+        for mode in ("forward", "double-backward"):
+            fn = self._product_function(mode, compiled=False)
+            with self._precision():
+                self._over_micro_batches(lambda xs, ys: fn(p, xs, ys, T), x, y, 0, "curvature product")
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    self._over_micro_batches(lambda xs, ys: fn(p, xs, ys, T), x, y, 0, "curvature product")
+                    self._synchronize()
+            seconds[mode] = time.perf_counter() - t0
+        total = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.device)
+        self._reduce(total)                     # every rank sums the same timings: one choice for all
+        return list(seconds)[int(total.argmin())]
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        """How products are computed, and peak memory: on the device since the operator was built
+        (CUDA only), and the process's peak resident memory (host; everything the process holds)."""
+        device = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        return {"mode": self.mode, "compiled": self.compiled, "channels_last": self.channels_last,
+                "tf32": self.tf32, "micro_batch": self.micro_batch, "device": str(self.device),
+                "peak_device_bytes": device,
+                "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     # -- parameters -------------------------------------------------------------------------
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -120,16 +189,15 @@ class CurvatureOperator(Operator):
 
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """Full-dataset mean loss and its gradient (float64, length n) at θ (default: current)."""
-        p = self.layout.gather(self.model) if theta is None else self.layout.unflatten(
-            torch.as_tensor(theta).to(self.device, self.dtype))
-        total = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
+        p = tuple(self.layout.gather(self.model) if theta is None else self.layout.unflatten(
+            torch.as_tensor(theta).to(self.device, self.dtype)))
         value_and_grad = torch.func.grad_and_value(self._batch_loss_sum)
-        for i, (x, y) in enumerate(self.batches):
-            g, value = value_and_grad(tuple(p), x, y)
-            self._check_finite(value, i, "loss")
-            total[0] += value.to(torch.float64)
-            total[1:] += self.layout.flatten(g).to(torch.float64)
-        self._reduce(total)
+
+        def batch(x, y):
+            g, value = value_and_grad(p, x, y)
+            return torch.cat([value.reshape(1), self.layout.flatten(g)])
+
+        total = self._sum_over_data(batch, "loss and gradient")
         total /= self.n_samples
         return float(total[0]), total[1:]
 
@@ -137,13 +205,61 @@ class CurvatureOperator(Operator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
         p = self.layout.gather(self.model)
-        total = torch.zeros(T.shape, dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(self.batches):
-            block = self._batch_product(p, x, y, T)
-            self._check_finite(block, i, "curvature product")
-            total += block.to(torch.float64)
-        self._reduce(total)
+        total = self._sum_over_data(lambda x, y: self._batch_product(p, x, y, T), "curvature product")
         return (total / self.n_samples).T.to(V.device)
+
+    def _sum_over_data(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str) -> torch.Tensor:
+        """Σ over every batch of ``fn(inputs, targets)`` in float64, then the reducer."""
+        total = None
+        with self._precision():
+            for i, (x, y) in enumerate(self.batches):
+                part = self._over_micro_batches(fn, x, y, i, what)
+                total = part if total is None else total.add_(part)
+        self._reduce(total)
+        return total
+
+    def _over_micro_batches(self, fn, x: torch.Tensor, y: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+        """``fn`` summed over slices of at most ``micro_batch`` samples; on out-of-memory the
+        micro-batch is halved and the batch redone (sums of per-sample terms: the same result)."""
+        while True:
+            try:
+                total = None
+                for start in range(0, len(y), self.micro_batch):
+                    part = fn(x[start:start + self.micro_batch], y[start:start + self.micro_batch])
+                    self._check_finite(part, batch, what)
+                    total = part.to(torch.float64) if total is None else total.add_(part)
+                return total
+            except torch.OutOfMemoryError as exc:
+                self._halve_micro_batch(exc)
+
+    def _halve_micro_batch(self, exc: BaseException) -> None:
+        if self.micro_batch == 1:
+            raise OutOfMemory(f"out of memory on {self.device} with ONE sample per micro-batch: the model and "
+                              "its second-order graph do not fit. Use fewer parameters (--params), float32 "
+                              "instead of float64, a larger device, or more workers with smaller models") from exc
+        if not self.eval_mode:
+            raise OutOfMemory(f"out of memory on {self.device} at {self.micro_batch} samples per batch; a "
+                              "train-mode model (batch statistics) cannot be split without changing the answer, "
+                              "so pass a smaller batch_size (--batch-size)") from exc
+        old, self.micro_batch = self.micro_batch, self.micro_batch // 2
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(f"out of memory on {self.device} at {old} samples per pass; continuing with micro-batches "
+                      f"of {self.micro_batch} (same result, more passes; set batch_size={self.micro_batch} "
+                      "to start there)", MicroBatchWarning, stacklevel=2)
+
+    @contextlib.contextmanager
+    def _precision(self):
+        """TF32 matmuls and convolutions for the duration of a data pass, when asked for."""
+        if not self.tf32:
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     def _hessian_forward(self, p, x, y, T):
         g = grad(self._batch_loss_sum)
@@ -212,12 +328,16 @@ class CurvatureOperator(Operator):
         """One gradient on the first batch: the loss is finite and every parameter is used."""
         x, y = self.batches.batches[0]
         q = self._leaves(self.layout.gather(self.model))
-        try:
-            loss = self._batch_loss_sum(q, x, y)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
-                             f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
-                             "input shape and that the loss fits its outputs") from exc
+        while True:
+            try:
+                loss = self._batch_loss_sum(q, x[:self.micro_batch], y[:self.micro_batch])
+                break
+            except torch.OutOfMemoryError as exc:
+                self._halve_micro_batch(exc)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
+                                 f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
+                                 "input shape and that the loss fits its outputs") from exc
         if loss.ndim != 0:
             raise InputError(f"the loss must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
         self._check_finite(loss, 0, "loss")
@@ -231,7 +351,7 @@ class CurvatureOperator(Operator):
     def check_determinism(self, seed: int = 0, rtol: float | None = None) -> None:
         """Refuse an operator that is not a fixed symmetric linear map: repeat a product of the
         same vector and compare uᵀAv with vᵀAu. Costs three products (counted in ``hvps``)."""
-        rtol = rtol if rtol is not None else 1e4 * torch.finfo(self.dtype).eps
+        rtol = rtol if rtol is not None else min(1e4 * torch.finfo(self.dtype).eps, 0.05)
         gen = torch.Generator().manual_seed(seed)
         UV = torch.randn(self.n, 2, generator=gen, dtype=torch.float64)
         AUV = self.matmat(UV)

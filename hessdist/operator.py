@@ -70,6 +70,10 @@ class Operator(ABC):
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
 
+    def describe(self) -> dict:
+        """How the products are computed (mode, micro-batch, peak memory); empty when unknown."""
+        return {}
+
     def subset(self, fraction: float) -> "Operator":
         """The same curvature over a fixed leading ``fraction`` of the data (for a cheap search
         that is then certified on the full data). Operators that own no data cannot."""

@@ -93,6 +93,19 @@ def test_distributed_lanczos_matches_in_process(groups):
             np.testing.assert_allclose(cos, 1, atol=1e-9)
 
 
+def test_auto_mode_is_one_choice_for_every_rank_and_reported():
+    group = WorkerGroup(spec(mode="auto"), 2, collective_timeout_s=30)
+    try:
+        modes = {r["mode"] for r in group.run("describe")}
+        described = DistributedOperator(group).describe()
+        V = np.random.default_rng(0).standard_normal((group.n, 2))
+        np.testing.assert_allclose(DistributedOperator(group).matmat(V), in_process().matmat(V), rtol=1e-12, atol=1e-14)
+    finally:
+        group.shutdown()
+    assert len(modes) == 1 and described["mode"] in ("forward", "double-backward")
+    assert described["workers"] == 2 and described["micro_batch"] == 32 and described["peak_host_rss_bytes"] > 0
+
+
 def test_parameters_are_sent_and_used(groups):
     model = helpers.cnn_bn(seed=5)
     op = DistributedOperator(groups[2])

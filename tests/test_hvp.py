@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hessdist.errors import InputError, NonDeterministicError, NonFiniteError
-from hessdist.hvp import CurvatureOperator
+from hessdist.errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
+from hessdist.hvp import CurvatureOperator, MicroBatchWarning
 from hessdist.params import ParameterLayout, load_state
 
 from .helpers import MODELS, digits_subset, mlp, reference
@@ -197,3 +197,76 @@ def test_to_scipy_operator():
     V = block(A.shape[0], 2)
     np.testing.assert_allclose(A @ V, H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
     np.testing.assert_allclose(A.matvec(V[:, 0]), H @ V[:, 0], rtol=0, atol=1e-11 * np.abs(H @ V).max())
+
+
+# -- speed options: auto mode, channels-last, torch.compile, out-of-memory splitting ----------
+
+def test_auto_mode_picks_an_exact_mode_that_matches_dense():
+    model, H, _ = reference("mlp")
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64, mode="auto")
+    assert op.mode in ("forward", "double-backward") and op.hvps == 0      # timing products not counted
+    V = block(op.n)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    assert op.describe()["mode"] == op.mode
+
+
+def test_channels_last_images_match_dense():
+    model, H, _ = reference("cnn_bn")
+    images = (DATA[0].reshape(-1, 1, 8, 8), DATA[1])
+    op = CurvatureOperator(model[1:], "cross_entropy", images, batch_size=32, dtype=torch.float64,
+                           channels_last=True)
+    assert op.batches.batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert op.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    V = block(op.n)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+
+
+def test_compiled_products_match_dense():
+    model, H, _ = reference("mlp")
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=len(DATA[1]), dtype=torch.float64,
+                           mode="forward", compiled=True)
+    V = block(op.n, k=2)
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    assert op.describe()["compiled"]
+
+
+def test_tf32_needs_cuda():
+    with pytest.raises(InputError, match="CUDA"):
+        CurvatureOperator(mlp(), "cross_entropy", DATA, tf32=True)
+
+
+class MemoryLimited(nn.Module):
+    """A real model on a device that holds at most ``limit`` samples per pass: larger inputs raise
+    torch.OutOfMemoryError, exactly as a CUDA allocation failure does."""
+
+    def __init__(self, net: nn.Module, limit: int):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} > {self.limit} samples)")
+        return self.net(x)
+
+
+def test_out_of_memory_halves_the_micro_batch_with_the_same_answer():
+    model, H, _ = reference("cnn_bn")
+    with pytest.warns(MicroBatchWarning, match="continuing with micro-batches of 16") as record:
+        op = CurvatureOperator(MemoryLimited(model, 20), "cross_entropy", DATA, batch_size=32,
+                               dtype=torch.float64, mode="forward")
+        V = block(op.n)
+        HV = op.matmat(V)
+    assert op.micro_batch == 16 and len(record) == 1                 # halved once, then remembered
+    np.testing.assert_allclose(HV, H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    full = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64)
+    (loss, g), (loss_ref, g_ref) = op.loss_and_gradient(), full.loss_and_gradient()
+    assert abs(loss - loss_ref) < 1e-13 and float((g - g_ref).abs().max()) < 1e-13
+    assert op.describe()["micro_batch"] == 16
+
+
+def test_out_of_memory_that_splitting_cannot_fix_is_an_error():
+    with pytest.warns(MicroBatchWarning), pytest.raises(OutOfMemory, match="ONE sample"):
+        CurvatureOperator(MemoryLimited(mlp(), 0), "cross_entropy", DATA, batch_size=8, dtype=torch.float64)
+    with pytest.raises(OutOfMemory, match="--batch-size"):      # train mode: splitting would change BN
+        CurvatureOperator(MemoryLimited(mlp(), 4), "cross_entropy", DATA, batch_size=8, dtype=torch.float64,
+                          eval_mode=False)

@@ -50,6 +50,16 @@ class DistributedOperator(Operator):
         loss, g = self.group.run("loss_and_gradient", arg)[0]
         return loss, torch.tensor(g)
 
+    def describe(self) -> dict:
+        """Rank 0's product settings; the smallest micro-batch and the largest peak memory over
+        the workers."""
+        ranks = self.group.run("describe")
+        out = dict(ranks[0], workers=len(ranks), micro_batch=min(r["micro_batch"] for r in ranks))
+        for key in ("peak_device_bytes", "peak_host_rss_bytes"):
+            values = [r[key] for r in ranks if r[key] is not None]
+            out[key] = max(values) if values else None
+        return out
+
     def check_determinism(self, seed: int = 0) -> None:
         self.group.run("check_determinism", seed)
         self.hvps += 3

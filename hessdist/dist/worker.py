@@ -36,6 +36,9 @@ class OperatorSpec:
     dtype: str = "float32"
     params: Sequence[str] | None = None
     eval_mode: bool = True
+    compiled: bool = False
+    channels_last: bool = False
+    tf32: bool = False
 
     def build(self, rank: int, world_size: int, device: torch.device,
               reducer: Callable[[torch.Tensor], None] | None = None) -> CurvatureOperator:
@@ -44,7 +47,8 @@ class OperatorSpec:
         return CurvatureOperator(model_fn(), self.loss, load_shard(data_fn, rank, world_size),
                                  curvature=self.curvature, mode=self.mode, batch_size=self.batch_size,
                                  dtype=getattr(torch, self.dtype), device=device, params=self.params,
-                                 eval_mode=self.eval_mode, reducer=reducer)
+                                 eval_mode=self.eval_mode, reducer=reducer, compiled=self.compiled,
+                                 channels_last=self.channels_last, tf32=self.tf32)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> None:
@@ -115,6 +119,9 @@ class CurvatureWorker:
 
     def check_determinism(self, seed: int = 0) -> None:
         self.op.check_determinism(seed)
+
+    def describe(self) -> dict:
+        return self.op.describe()
 
     # -- Krylov basis replica (every rank does the same arithmetic on the same numbers) -------
     def basis_reset(self, fraction: float = 1.0) -> None:
