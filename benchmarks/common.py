@@ -31,6 +31,15 @@ def write(name: str, payload: dict) -> str:
     return path
 
 
+def merged_rows(name: str, rows: list[dict], key: str = "problem") -> list[dict]:
+    """``rows`` plus the rows of an earlier ``name``.json for problems not rerun now, so one
+    problem can be rerun (say, on a GPU) without losing the others."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    old = json.load(open(path)).get("rows", []) if os.path.exists(path) else []
+    fresh = {r[key] for r in rows}
+    return [r for r in old if r[key] not in fresh] + rows
+
+
 def trained_model(name: str):
     """(model, data) for digits-mlp, digits-cnn, or cnn-100k (a 95k-parameter digits CNN)."""
     if name == "cnn-100k":

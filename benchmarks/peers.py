@@ -109,11 +109,30 @@ def reference(op: CurvatureOperator, dense_max: int) -> dict:
 
 
 # -- the tools ------------------------------------------------------------------------------------
-def run_hessdist(model: nn.Module, data: Data, true: tuple[float, float], cap: int) -> dict:
+def run_hessdist(model: nn.Module, data: Data, true: tuple[float, float], cap: int, workers: int = 0) -> dict:
+    """hessdist in-process, or with ``workers`` Ray worker actors (1 CPU each) on a local Ray
+    cluster started here; setup (cluster, workers, process group) is counted in the seconds."""
     t0 = time.perf_counter()
-    op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
-                           mode="double-backward")
+    if workers:
+        from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
+        connect(num_cpus=workers)
+        group = WorkerGroup(OperatorSpec(model=lambda: model, data=lambda: data, dtype="float64", batch_size=2048,
+                                         mode="double-backward"), workers)
+        op = DistributedOperator(group)
+    else:
+        op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
+                               mode="double-backward")
     setup = time.perf_counter() - t0
+    try:
+        return _hessdist_solve(op, true, cap, setup, workers)
+    finally:
+        if workers:
+            import ray
+            group.shutdown()
+            ray.shutdown()
+
+
+def _hessdist_solve(op, true: tuple[float, float], cap: int, setup: float, workers: int) -> dict:
     hist_max, hist_min, times = [], [], {}
 
     def record(s: dict) -> None:
@@ -130,8 +149,9 @@ def run_hessdist(model: nn.Module, data: Data, true: tuple[float, float], cap: i
                          "seconds": setup + res.seconds, "stop_reason": res.stop_reason,
                          "err_max": rel(float(res.largest.values[0]), true[0]),
                          "err_min": rel(float(res.smallest.values[0]), true[1])},
-            "counting": "CurvatureOperator.hvps (one per column)",
-            "how": "hessdist.lanczos(which='LA,SA', k=1, tol=1e-4), double-backward products"}
+            "counting": "Operator.hvps (one per column)", "setup_s": setup,
+            "how": "hessdist.lanczos(which='LA,SA', k=1, tol=1e-4), double-backward products"
+                   + (f", {workers} Ray workers (1 CPU each, gloo)" if workers else ", in-process")}
 
 
 def run_pyhessian(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
@@ -321,33 +341,28 @@ def _run_tools(problem: str, model: nn.Module, data: Data, cap: int, dense_max: 
            "lambda_min": true[1], "reference": ref, "cap": cap, "repeats": repeats, "tools": []}
     tools: list[tuple[str, Callable[[], dict] | None]] = [
         ("hessdist", lambda: run_hessdist(model, data, true, cap)),
-        ("hessdist (Ray workers)", None),
+        ("hessdist (2 Ray workers)", lambda: run_hessdist(model, data, true, cap, workers=2)),
         ("PyHessian", lambda: run_pyhessian(model, data, true, cap, check)),
         ("hessian-eigenthings", lambda: run_eigenthings(model, data, true, cap, check)),
         ("curvlinops + eigsh", lambda: run_curvlinops(model, data, true, cap, check))]
     for (tool, fn), module in zip(tools, [None, None, *PEERS]):
         entry = {"tool": tool}
-        if fn is None:
-            entry.update(status="skipped", note="the same products and steps as in-process by "
-                         "construction (Ray's cost: ray_scaling.py); no second Ray cluster started beside "
-                         "other Ray jobs on this shared 2-core machine")
+        if module:
+            try:
+                __import__(module)
+                entry["version"] = importlib.metadata.version(PEERS[module])
+            except ImportError as exc:
+                entry.update(status="not installed", note=str(exc))
+                row["tools"].append(entry)
+                continue
         else:
-            if module:
-                try:
-                    __import__(module)
-                    entry["version"] = importlib.metadata.version(PEERS[module])
-                except ImportError as exc:
-                    entry.update(status="not installed", note=str(exc))
-                    row["tools"].append(entry)
-                    continue
-            else:
-                entry["version"] = hessdist.__version__
-            try:        # counts are deterministic; keep the fastest of `repeats` runs
-                runs = [fn() for _ in range(repeats)]
-                entry.update(status="ok", **min(runs, key=_seconds), load_avg_1min=os.getloadavg()[0])
-            except Exception as exc:        # a failing peer is a result, not a crash
-                traceback.print_exc()
-                entry.update(status="error", note=f"{type(exc).__name__}: {exc}")
+            entry["version"] = hessdist.__version__
+        try:        # counts are deterministic; keep the fastest of `repeats` runs
+            runs = [fn() for _ in range(repeats)]
+            entry.update(status="ok", **min(runs, key=_seconds), load_avg_1min=os.getloadavg()[0])
+        except Exception as exc:        # a failing peer is a result, not a crash
+            traceback.print_exc()
+            entry.update(status="error", note=f"{type(exc).__name__}: {exc}")
         print(json.dumps(entry), flush=True)
         row["tools"].append(entry)
     return row

@@ -10,8 +10,6 @@ so they stay there); "tol 1e-4" counts use the solver's own residual stopping ru
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ from hessdist.hvp import CurvatureOperator
 from hessdist.models import ResNet, digits_cnn
 from hessdist.solvers.lanczos import lanczos
 
-from .common import RESULTS, write
+from .common import merged_rows, write
 
 TOL_MAX, TOL_MIN = 1e-3, 1e-2
 
@@ -142,11 +140,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--problems", default="digits-cnn,digits-cnn-late,resnet-cifar-subset")
     args = ap.parse_args(argv)
-    path = os.path.join(RESULTS, "warm_start.json")
-    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    for p in args.problems.split(","):
-        rows = [r for r in rows if r["problem"] != p] + [run(p)]
-        write("warm_start", {"tolerances": {"lambda_max": TOL_MAX, "lambda_min": TOL_MIN}, "rows": rows})
+    done = []
+    for p in args.problems.split(","):          # written after each problem: a long run keeps what it has
+        done.append(run(p))
+        write("warm_start", {"tolerances": {"lambda_max": TOL_MAX, "lambda_min": TOL_MIN},
+                             "rows": merged_rows("warm_start", done)})
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class CurvatureOperator(Operator):
         if curvature == "ggn" and mode == "finite-difference":
             raise InputError("finite differences of gradients give Hessian products only; "
                              "use mode='forward' or 'double-backward' for the GGN")
+        if compiled and mode == "double-backward":
+            raise InputError("torch.compile does not support double backward; use mode='forward' (or 'auto') "
+                             "with compiled=True (CLI: --mode forward --compile)")
         self.device = torch.device(device)
         if tf32 and self.device.type != "cuda":
             raise InputError("tf32 is a CUDA matmul/convolution precision; drop --tf32 on a CPU device")
@@ -102,8 +105,8 @@ class CurvatureOperator(Operator):
         self._reduce(n_samples)
         self.n_samples = int(n_samples.item())
         self._check_first_batch()
-        if mode == "auto":
-            self.mode = self._fastest_mode()
+        if mode == "auto":          # compiled: forward is the only exact mode torch.compile supports
+            self.mode = "forward" if compiled else self._fastest_mode()
         self._batch_product = self._product_function(self.mode, compiled)
 
     def subset(self, fraction: float) -> "CurvatureOperator":

@@ -230,6 +230,12 @@ def test_compiled_products_match_dense():
     assert op.describe()["compiled"]
 
 
+def test_compile_refuses_double_backward():
+    with pytest.raises(InputError, match="double backward"):
+        CurvatureOperator(mlp(), "cross_entropy", DATA, mode="double-backward", compiled=True)
+    assert CurvatureOperator(mlp(), "cross_entropy", DATA, mode="auto", compiled=True).mode == "forward"
+
+
 def test_tf32_needs_cuda():
     with pytest.raises(InputError, match="CUDA"):
         CurvatureOperator(mlp(), "cross_entropy", DATA, tf32=True)
