@@ -21,5 +21,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Peer tools for benchmarks/peers.py, without their declared dependencies (see pyproject.toml).
+PEERS := "pyhessian==0.1" "hessian-eigenthings==1.0.0a5" "curvlinops-for-pytorch==3.0.1" einops einconv linear_operator tqdm
+
 bench: install
+	$(BIN)/pip install -q --no-deps $(PEERS)
 	$(BIN)/python -m benchmarks.run

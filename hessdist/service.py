@@ -137,7 +137,7 @@ class EigenService:
         if compare_cold and v0 is not None:
             cold = lanczos(self.op, **{**opts, "return_vectors": False})
             entry.update(cold_hvps=cold.hvps, hvps_saved=cold.hvps - res.hvps)
-        entry["wall_seconds"] = time.time() - t0
+        entry.update(wall_seconds=time.time() - t0, products=self.op.describe())
         vectors = {w: p.vectors for w, p in res.pairs.items()}
         self._record(entry, vectors)
         self.history.append(entry)
