@@ -229,7 +229,8 @@ def summary() -> str:
     pe = _load("peers")
     for r in (pe or {}).get("rows", []):
         tools = {t["tool"]: t for t in r["tools"] if t["status"] == "ok"}
-        ours = tools.get("hessdist", {}).get("both", {}).get("products")
+        ours = "; ".join(f"{name.replace('hessdist', '').strip(' ()') or 'in-process'} {_cell(t['both'])}"
+                         for name, t in tools.items() if name.startswith("hessdist"))
         others = "; ".join(f"{name} {_cell(t['both'])}" for name, t in tools.items() if not name.startswith("hessdist"))
         rows.append(f"| products for λ_max (1e-3) and λ_min (1e-2), {r['problem']} (peers.json) | {ours} | {others} |")
     pc = _load("product_cost")
