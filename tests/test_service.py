@@ -102,8 +102,12 @@ print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"
     pid = driver(cluster, TRAINER + "print(json.dumps(h.status()))")["worker_pids"][-1]
     got = driver(cluster, TRAINER + f"""
 import os, signal, time
-fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=150)
-time.sleep(2.0)
+fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=400)   # float32 never reaches 1e-12: 400 products
+for _ in range(400):                                          # kill mid-solve, however fast products are
+    if h.status()["running"] is not None:
+        break
+    time.sleep(0.05)
+time.sleep(0.5)
 os.kill({pid}, signal.SIGKILL)
 r = h.result(fut)
 print(json.dumps({{"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}}))
