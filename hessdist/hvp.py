@@ -33,6 +33,7 @@ import contextlib
 import copy
 import math
 import resource
+import sys
 import time
 import warnings
 from typing import Callable, Mapping, Sequence, Union
@@ -50,6 +51,7 @@ from .params import ParameterLayout, load_state
 CURVATURES = ("hessian", "ggn")
 MODES = ("auto", "forward", "double-backward", "finite-difference")
 Reducer = Callable[[torch.Tensor], None]
+RSS_UNIT = 1 if sys.platform == "darwin" else 1024      # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 class MicroBatchWarning(UserWarning):
@@ -166,7 +168,7 @@ class CurvatureOperator(Operator):
         return {"mode": self.mode, "compiled": self.compiled, "channels_last": self.channels_last,
                 "tf32": self.tf32, "micro_batch": self.micro_batch, "device": str(self.device),
                 "peak_device_bytes": device,
-                "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT}
 
     # -- parameters -------------------------------------------------------------------------
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
