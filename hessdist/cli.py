@@ -174,9 +174,11 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
         check_hvps = op.hvps
         out, table, code = body(op, job, say)
         group = info.pop("group", None)
+        products = op.describe()
         out = {**out, "n_params": op.n, "n_samples": op.n_samples, **info, "check_hvps": check_hvps,
                "total_seconds": time.perf_counter() - t0, "curvature": args.curvature, "dtype": args.dtype,
-               "products": op.describe(), "data": job.data_note, "example": args.example,
+               "mode": products.get("mode", args.mode), "products": products, "data": job.data_note,
+               "example": args.example,
                "workers_replaced": len(group.replacements) if group else 0}
     finally:
         cleanup()
