@@ -1,10 +1,12 @@
 """Shared pieces of the benchmarks: problems, machine description, JSON output."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
+from typing import Iterator
 
 import torch
 
@@ -38,6 +40,23 @@ def merged_rows(name: str, rows: list[dict], key: str = "problem") -> list[dict]
     old = json.load(open(path)).get("rows", []) if os.path.exists(path) else []
     fresh = {r[key] for r in rows}
     return [r for r in old if r[key] not in fresh] + rows
+
+
+@contextlib.contextmanager
+def ray_operator(model: torch.nn.Module, data, workers: int, **spec) -> Iterator:
+    """A DistributedOperator over ``workers`` Ray workers (1 CPU each) on a local Ray cluster
+    started for it, each holding a copy of ``model`` and a strided shard of ``data``; the
+    workers and the cluster are shut down afterwards."""
+    import ray
+
+    from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
+    connect(num_cpus=workers)
+    group = WorkerGroup(OperatorSpec(model=lambda: model, data=lambda: data, **spec), workers)
+    try:
+        yield DistributedOperator(group)
+    finally:
+        group.shutdown()
+        ray.shutdown()
 
 
 def trained_model(name: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import socket
 import tempfile
 import time
 
@@ -23,17 +22,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
+from hessdist.dist.worker import free_port
 
-from .common import merged_rows, trained_model, write
+from .common import merged_rows, ray_operator, trained_model, write
 
 WORKERS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _eigenthings_rank(rank: int, port: int, path: str, repeats: int, out: str) -> None:
@@ -62,16 +55,12 @@ def eigenthings_ddp(model: nn.Module, data, v: torch.Tensor, repeats: int) -> di
     with tempfile.TemporaryDirectory() as tmp:
         path, out = os.path.join(tmp, "problem.pt"), os.path.join(tmp, "out.pt")
         torch.save({"model": model, "data": data, "v": v}, path)
-        mp.spawn(_eigenthings_rank, args=(_free_port(), path, repeats, out), nprocs=WORKERS, join=True)
+        mp.spawn(_eigenthings_rank, args=(free_port(), path, repeats, out), nprocs=WORKERS, join=True)
         return torch.load(out, weights_only=True)
 
 
 def hessdist_ray(model: nn.Module, data, v: torch.Tensor, repeats: int) -> dict:
-    connect(num_cpus=WORKERS)
-    group = WorkerGroup(OperatorSpec(model=lambda: model, data=lambda: data, dtype="float64", batch_size=4096,
-                                     mode="double-backward"), WORKERS)
-    try:
-        op = DistributedOperator(group)
+    with ray_operator(model, data, WORKERS, dtype="float64", batch_size=4096, mode="double-backward") as op:
         V = v.numpy()[:, None]
         basis = op.krylov_basis()
         basis.add_start(V[:, 0])
@@ -85,10 +74,6 @@ def hessdist_ray(model: nn.Module, data, v: torch.Tensor, repeats: int) -> dict:
             times["vector_on_workers_s"] = min(times["vector_on_workers_s"], time.perf_counter() - t)
             basis.compress(np.eye(2)[:, :1], 2)       # back to the start vector alone
         return {**times, "hv": torch.from_numpy(hv)}
-    finally:
-        import ray
-        group.shutdown()
-        ray.shutdown()
 
 
 def run(problem: str, repeats: int) -> dict:

@@ -40,7 +40,7 @@ import hessdist
 from hessdist.hvp import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
-from .common import RESULTS, trained_model, write
+from .common import RESULTS, ray_operator, trained_model, write
 from .solver_products import first_within
 
 TOL_MAX, TOL_MIN = 1e-3, 1e-2
@@ -114,22 +114,11 @@ def run_hessdist(model: nn.Module, data: Data, true: tuple[float, float], cap: i
     cluster started here; setup (cluster, workers, process group) is counted in the seconds."""
     t0 = time.perf_counter()
     if workers:
-        from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
-        connect(num_cpus=workers)
-        group = WorkerGroup(OperatorSpec(model=lambda: model, data=lambda: data, dtype="float64", batch_size=2048,
-                                         mode="double-backward"), workers)
-        op = DistributedOperator(group)
-    else:
-        op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
-                               mode="double-backward")
-    setup = time.perf_counter() - t0
-    try:
-        return _hessdist_solve(op, true, cap, setup, workers)
-    finally:
-        if workers:
-            import ray
-            group.shutdown()
-            ray.shutdown()
+        with ray_operator(model, data, workers, dtype="float64", batch_size=2048, mode="double-backward") as op:
+            return _hessdist_solve(op, true, cap, time.perf_counter() - t0, workers)
+    op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048,
+                           mode="double-backward")
+    return _hessdist_solve(op, true, cap, time.perf_counter() - t0, workers)
 
 
 def _hessdist_solve(op, true: tuple[float, float], cap: int, setup: float, workers: int) -> dict:

@@ -146,12 +146,16 @@ class CurvatureOperator(Operator):
         seconds = {}
         for mode in ("forward", "double-backward"):
             fn = self._product_function(mode, compiled=False)
-            with self._precision():
+
+            def product():
                 self._over_micro_batches(lambda xs, ys: fn(p, xs, ys, T), x, y, 0, "curvature product")
+                self._synchronize()
+
+            with self._precision():
+                product()                       # warm-up
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    self._over_micro_batches(lambda xs, ys: fn(p, xs, ys, T), x, y, 0, "curvature product")
-                    self._synchronize()
+                    product()
             seconds[mode] = time.perf_counter() - t0
         total = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.device)
         self._reduce(total)                     # every rank sums the same timings: one choice for all
@@ -226,14 +230,21 @@ class CurvatureOperator(Operator):
     def _over_micro_batches(self, fn, x: torch.Tensor, y: torch.Tensor, batch: int, what: str) -> torch.Tensor:
         """``fn`` summed over slices of at most ``micro_batch`` samples; on out-of-memory the
         micro-batch is halved and the batch redone (sums of per-sample terms: the same result)."""
+        def summed():
+            total = None
+            for start in range(0, len(y), self.micro_batch):
+                part = fn(x[start:start + self.micro_batch], y[start:start + self.micro_batch])
+                self._check_finite(part, batch, what)
+                total = part.to(torch.float64) if total is None else total.add_(part)
+            return total
+
+        return self._retry_on_oom(summed)
+
+    def _retry_on_oom(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``fn()``, called again with a halved ``micro_batch`` each time the device runs out of memory."""
         while True:
             try:
-                total = None
-                for start in range(0, len(y), self.micro_batch):
-                    part = fn(x[start:start + self.micro_batch], y[start:start + self.micro_batch])
-                    self._check_finite(part, batch, what)
-                    total = part.to(torch.float64) if total is None else total.add_(part)
-                return total
+                return fn()
             except torch.OutOfMemoryError as exc:
                 self._halve_micro_batch(exc)
 
@@ -333,16 +344,12 @@ class CurvatureOperator(Operator):
         """One gradient on the first batch: the loss is finite and every parameter is used."""
         x, y = self.batches.batches[0]
         q = self._leaves(self.layout.gather(self.model))
-        while True:
-            try:
-                loss = self._batch_loss_sum(q, x[:self.micro_batch], y[:self.micro_batch])
-                break
-            except torch.OutOfMemoryError as exc:
-                self._halve_micro_batch(exc)
-            except (RuntimeError, ValueError, IndexError) as exc:
-                raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
-                                 f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
-                                 "input shape and that the loss fits its outputs") from exc
+        try:
+            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, x[:self.micro_batch], y[:self.micro_batch]))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
+                             f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
+                             "input shape and that the loss fits its outputs") from exc
         if loss.ndim != 0:
             raise InputError(f"the loss must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
         self._check_finite(loss, 0, "loss")

@@ -51,6 +51,13 @@ class OperatorSpec:
                                  channels_last=self.channels_last, tf32=self.tf32)
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _all_reduce_sum(t: torch.Tensor) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
@@ -75,9 +82,7 @@ class CurvatureWorker:
         return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()], os.getpid()
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return free_port()
 
     def join(self, master: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple[int, int]:
         """Join the process group and build the operator on this rank's shard.
