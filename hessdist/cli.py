@@ -23,7 +23,8 @@ from .hvp import CURVATURES, MODES, CurvatureOperator
 from .imports import module_root, resolve
 from .params import load_state
 from .solvers.certify import subset_search
-from .solvers.lanczos import lanczos, parse_which, warm_start_vector
+from .solvers.lanczos import lanczos, warm_start_vector
+from .solvers.ritz import parse_which
 from .solvers.slq import slq
 from .solvers.trace import hutchinson, hutchpp
 

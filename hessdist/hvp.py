@@ -54,6 +54,11 @@ Reducer = Callable[[torch.Tensor], None]
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024      # ru_maxrss: bytes on macOS, KiB on Linux
 
 
+def products_exact(dtype: torch.dtype, tf32: bool, mode: str) -> bool:
+    """Whether products in this configuration are exact to float64 rounding."""
+    return dtype == torch.float64 and not tf32 and mode != "finite-difference"
+
+
 class MicroBatchWarning(UserWarning):
     """The device ran out of memory and batches are now split into smaller micro-batches."""
 
@@ -85,6 +90,7 @@ class CurvatureOperator(Operator):
         if tf32 and self.device.type != "cuda":
             raise InputError("tf32 is a CUDA matmul/convolution precision; drop --tf32 on a CPU device")
         self.curvature, self.mode, self.dtype = curvature, mode, dtype
+        self.exact = products_exact(dtype, tf32, mode)
         self.compiled, self.channels_last, self.tf32, self.eval_mode = compiled, channels_last, tf32, eval_mode
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype, memory_format=memory_format)
@@ -123,10 +129,11 @@ class CurvatureOperator(Operator):
             batches.append((x[:keep], y[:keep]))
             keep -= len(y)
         view = copy.copy(self)
-        view.batches, view.hvps = Batches(tuple(batches)), 0
+        view.batches, view.hvps, view.fpe = Batches(tuple(batches)), 0, 0.0
         n_samples = torch.tensor([float(view.batches.n_samples)], dtype=torch.float64, device=self.device)
         self._reduce(n_samples)
         view.n_samples = int(n_samples.item())
+        view.data_fraction = self.data_fraction * view.n_samples / self.n_samples
         return view
 
     def _product_function(self, mode: str, compiled: bool) -> Callable:

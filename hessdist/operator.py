@@ -25,8 +25,16 @@ class Operator(ABC):
     solvers' recurrences and projected problems are float64 throughout."""
 
     n: int
-    #: full-dataset products computed so far, one per column of a block
+    #: products computed so far, one per column of a block
     hvps: int = 0
+    #: full-data product equivalents so far: each product weighted by ``data_fraction``
+    fpe: float = 0.0
+    #: the fraction of the full data set each product touches (a subset operator: < 1)
+    data_fraction: float = 1.0
+    #: products exact to float64 rounding, so residuals read off a Krylov projection are true;
+    #: False for float32/TF32/bfloat16 or finite-difference products (solvers then confirm
+    #: their answers with real products)
+    exact: bool = True
     #: samples the products average over (operators without data: 0)
     n_samples: int = 0
 
@@ -46,8 +54,13 @@ class Operator(ABC):
             raise InputError(f"expected a block of shape ({self.n}, k), got {tuple(T.shape)}; vectors must "
                              f"have one entry per selected parameter (n = {self.n})")
         out = self._matmat(T.to(torch.float64))
-        self.hvps += T.shape[1]
+        self.count(T.shape[1])
         return out.cpu().numpy() if as_numpy else out.to(T.device)
+
+    def count(self, columns: int) -> None:
+        """Book ``columns`` products (in ``hvps``, and weighted by the data fraction in ``fpe``)."""
+        self.hvps += columns
+        self.fpe += columns * self.data_fraction
 
     def matvec(self, v: Array) -> Array:
         """A @ v for a vector of length n."""

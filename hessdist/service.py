@@ -26,7 +26,8 @@ import torch
 
 from .dist import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, WorkerError
-from .solvers.lanczos import lanczos, parse_which, warm_start_vector
+from .solvers.lanczos import lanczos, warm_start_vector
+from .solvers.ritz import parse_which
 
 NAMESPACE = "hessdist"
 SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed", "block", "max_basis",

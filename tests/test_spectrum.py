@@ -10,7 +10,8 @@ import torch
 from hessdist.directions import curvature_along, line_scan
 from hessdist.errors import InputError
 from hessdist.hvp import CurvatureOperator
-from hessdist.solvers.certify import rayleigh_ritz, subset_search
+from hessdist.solvers.certify import subset_search
+from hessdist.solvers.ritz import rayleigh_ritz
 from hessdist.solvers.lanczos import lanczos
 from hessdist.solvers.slq import slq
 from hessdist.solvers.trace import hutchinson, hutchpp

@@ -17,37 +17,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..operator import Operator
-from .lanczos import lanczos, parse_which, select
-from .results import EigenPairs, EigenResult
-
-
-def rayleigh_ritz(op: Operator, X: np.ndarray, which: Union[str, Sequence[str]] = ("LA", "SA"), k: int = 1,
-                  tol: float = 1e-4) -> EigenResult:
-    """Ritz pairs of ``op`` in span(X), with exact residuals: one product per column of X.
-    Intervals are [θ, θ + r] (LA) and [θ − r, θ] (SA): the Rayleigh–Ritz side is certain, the
-    residual side holds unless an eigenvalue beyond was missed."""
-    t0 = time.perf_counter()
-    ends = parse_which(which)
-    Q, _ = np.linalg.qr(np.asarray(X, dtype=np.float64))
-    AQ = np.asarray(op.matmat(Q))
-    T = Q.T @ AQ
-    theta, Y = np.linalg.eigh((T + T.T) / 2)
-    vectors = Q @ Y
-    residuals = np.linalg.norm(AQ @ Y - vectors * theta, axis=0)
-    scale = float(np.abs(theta).max())
-    pairs = {}
-    for w in ends:
-        idx = select(theta, w, k)
-        th, r = theta[idx], residuals[idx]
-        others = [np.delete(theta, i) for i in idx]
-        gaps = np.array([np.abs(o - t).min() if o.size else np.inf for o, t in zip(others, th)])
-        bounds = np.where(gaps > r, np.minimum(r, r * r / gaps), r)
-        lower, upper = (th, th + r) if w == "LA" else (th - r, th) if w == "SA" else (th - r, th + r)
-        pairs[w] = EigenPairs(which=w, values=th, residual_norms=r, error_bounds=bounds,
-                              converged=r <= tol * scale, intervals=np.column_stack([lower, upper]),
-                              vectors=vectors[:, idx])
-    return EigenResult(pairs=pairs, hvps=Q.shape[1], seconds=time.perf_counter() - t0,
-                       stop_reason="certified")
+from .lanczos import lanczos
+from .results import EigenResult
+from .ritz import parse_which, rayleigh_ritz
 
 
 @dataclass(frozen=True)

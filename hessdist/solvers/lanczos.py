@@ -5,19 +5,22 @@ The driver keeps the projected coefficients C = QᵀAQ (float64) and solves the 
 after every block of products; the basis lives with the operator (see
 :mod:`hessdist.solvers.krylov`). Columns are expanded in order, so the space after e products
 is the same whatever the block width; ``block`` only sets how many columns share one data
-pass. Ritz pairs are accepted when their residual ‖Ax − θx‖ — read off C, exact up to rounding
-because every product is re-orthogonalised against the whole basis — is at most ``tol`` ×
-max|θ|.
+pass. A requested pair is done when its residual ‖Ax − θx‖ meets the :class:`Accuracy` —
+``rtol`` relative to |θ| itself, ``tol`` relative to max|θ|. The residual is read off C: true
+to rounding when products are exact (float64), because every product is re-orthogonalised
+against the whole basis. When they are not (float32, TF32, bfloat16, finite differences), the
+returned pairs are confirmed with real products before they are reported.
 
-Every returned value comes with a certified interval: the Rayleigh–Ritz side (θᵢ ≤ λᵢ for the
-i-th largest, by interlacing) is certain; the other side is θᵢ ± rᵢ, some eigenvalue lying
-within the residual rᵢ of θᵢ. When the start block held a random vector, the Kuczyński–
-Woźniakowski bound adds a probabilistic ``limit``: with probability ≥ ``confidence`` no
-eigenvalue lies beyond it, whatever the run missed.
+What is certain and what is probable: see :mod:`hessdist.solvers.ritz`. From a start block that
+held a random vector, the Kuczyński–Woźniakowski bound adds a ``limit``: with probability ≥
+``confidence`` no eigenvalue lies beyond it, whatever the run missed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
+import statistics
 import time
 from typing import Callable, Mapping, Sequence, Union
 
@@ -26,58 +29,30 @@ import numpy as np
 from ..errors import InputError
 from ..operator import Operator
 from .krylov import KrylovBasis
-from .results import WHICH, EigenPairs, EigenResult
+from .results import EigenPairs, EigenResult
+from .ritz import Accuracy, Rtol, end_pairs, kw_epsilon, parse_which, rayleigh_ritz, select
 
 Progress = Callable[[dict], None]
 BASIS_BYTES = 4 << 30
 
 
-def parse_which(which: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    """``"LA,SA"`` or ``("LA", "SA")`` → ``("LA", "SA")``, validated."""
-    parts = tuple(w.strip().upper() for w in (which.split(",") if isinstance(which, str) else which))
-    bad = [w for w in parts if w not in WHICH]
-    if bad or not parts:
-        raise InputError(f"which must be a non-empty subset of {WHICH}, got {which!r}")
-    return tuple(dict.fromkeys(parts))
-
-
-def select(theta: np.ndarray, which: str, k: int) -> np.ndarray:
-    """Indices of the k values of ``theta`` at end ``which`` (LA descending, SA ascending, LM by |θ|)."""
-    order = {"LA": np.argsort(-theta, kind="stable"), "SA": np.argsort(theta, kind="stable"),
-             "LM": np.argsort(-np.abs(theta), kind="stable")}[which]
-    return order[:k]
+def draw_seed(seed: int | None) -> int:
+    """``seed``, or a fresh one from the OS when None (reported, so a run can be repeated)."""
+    return secrets.randbits(63) if seed is None else int(seed)
 
 
 class RitzState:
-    """Ritz values, vectors (in the basis) and true residual norms after ``e`` columns of an
-    ``m``-vector basis were expanded: A Q[:, :e] = Q[:, :m] C[:m, :e]."""
+    """Ritz values, vectors (in the basis) and residual norms after ``e`` columns of an
+    ``m``-vector basis were expanded: A Q[:, :e] = Q[:, :m] C[:m, :e] (+ what thick restarts
+    dropped, at most ``dropped`` in norm, added to every residual)."""
 
-    def __init__(self, C: np.ndarray, e: int, m: int):
+    def __init__(self, C: np.ndarray, e: int, m: int, dropped: float = 0.0):
         T = C[:e, :e]
         self.theta, self.Y = np.linalg.eigh((T + T.T) / 2)
         R = C[:m, :e] @ self.Y
         R[:e] -= self.Y * self.theta
-        self.residuals = np.sqrt((R ** 2).sum(axis=0))
+        self.residuals = np.sqrt((R ** 2).sum(axis=0)) + dropped
         self.scale = float(np.abs(self.theta).max()) if e else 0.0
-
-    def bounds(self, idx: np.ndarray) -> np.ndarray:
-        """min(r, r²/gap) with the gap to the nearest other Ritz value (an estimate: the true gap
-        to the rest of the spectrum may be smaller)."""
-        out = []
-        for i in idx:
-            others = np.delete(self.theta, i)
-            gap = float(np.abs(others - self.theta[i]).min()) if others.size else np.inf
-            r = float(self.residuals[i])
-            out.append(min(r, r * r / gap) if gap > r else r)
-        return np.array(out)
-
-
-def kw_epsilon(n: int, degree: int, delta: float) -> float:
-    """Kuczyński–Woźniakowski: after a Krylov space of dimension ``degree`` from a random start,
-    λ_max − θ_max ≤ ε (λ_max − λ_min) with probability ≥ 1 − δ, for this ε."""
-    if degree < 1:
-        return math.inf
-    return (math.log(1.648 * math.sqrt(n) / delta) / (2 * degree - 1)) ** 2
 
 
 def start_block(v0: np.ndarray | None, n: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, int | None]:
@@ -99,7 +74,7 @@ def start_block(v0: np.ndarray | None, n: int, block: int, rng: np.random.Genera
     return V, random_col
 
 
-def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int = 0) -> np.ndarray | None:
+def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | None = None) -> np.ndarray | None:
     """One start vector rich in every previous eigenvector (both ends), plus a little noise so
     that directions the previous solve missed are not excluded. Measured (benchmarks/
     warm_start.json) to need fewer products than starting from the block of those vectors,
@@ -112,30 +87,73 @@ def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int = 0)
     return v0 / np.linalg.norm(v0) + 1e-3 * noise / np.linalg.norm(noise)
 
 
+class Limits:
+    """The hard limits of one run: products (never exceeded), full-data product equivalents
+    (never exceeded) and seconds (after the first block, none is started that is predicted to
+    overrun). The prediction is the median time per column of the recent blocks; the first block of an
+    operator that had computed nothing before may hold one-time costs (CUDA start-up,
+    compilation), so it does not count once a later block exists, and when it alone would stop
+    the run, one single product is taken to measure the real cost."""
+
+    def __init__(self, max_hvps: int, max_fpe: float | None, budget_s: float | None, fraction: float,
+                 warm: bool, t0: float):
+        self.max_hvps, self.max_fpe, self.budget_s = max_hvps, max_fpe, budget_s
+        self.fraction, self.warm, self.t0 = fraction, warm, t0
+        self.per_column: list[float] = []
+
+    def record(self, seconds: float, columns: int) -> None:
+        self.per_column.append(seconds / columns)
+
+    def allow(self, wanted: int, hvps: int, fpe: float) -> tuple[int, str | None]:
+        """How many of ``wanted`` columns may be expanded now, and the stop reason when none."""
+        count = min(wanted, self.max_hvps - hvps)
+        if count <= 0:
+            return 0, "max_hvps"
+        if self.max_fpe is not None:
+            count = min(count, int(math.floor((self.max_fpe - fpe) / self.fraction + 1e-9)))
+            if count <= 0:
+                return 0, "max_fpe"
+        times = self.per_column
+        if self.budget_s is not None and times:      # the first block always runs: nothing to predict from
+            left = self.budget_s - (time.perf_counter() - self.t0)
+            if left <= 0:
+                return 0, "budget"
+            if len(times) == 1 and not self.warm and left < times[0] * count:
+                count = 1                        # a probe: the first block may have been a warm-up
+            else:
+                count = min(count, int(left / statistics.median(times[1:][-5:] or times)))
+            if count <= 0:
+                return 0, "budget"
+        return count, None
+
+
 def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]] = ("LA", "SA"),
-            k: int = 1, tol: float = 1e-6, max_hvps: int | None = None, budget_s: float | None = None,
-            v0: np.ndarray | None = None, block: int | None = None, max_basis: int | None = None,
-            seed: int = 0, confidence: float = 0.999, return_vectors: bool = True,
-            callback: Progress | None = None) -> EigenResult:
+            k: int = 1, tol: float | None = None, rtol: Rtol = None, max_hvps: int | None = None,
+            max_fpe: float | None = None, budget_s: float | None = None, v0: np.ndarray | None = None,
+            block: int | None = None, max_basis: int | None = None, seed: int | None = None,
+            confidence: float = 0.999, return_vectors: bool = True, callback: Progress | None = None) -> EigenResult:
     """The k extreme eigenpairs at each end in ``which`` (``LA`` largest, ``SA`` smallest,
     ``LM`` largest magnitude) of a symmetric operator, from ONE Krylov run.
 
-    ``v0``: a start vector, or a block (n, b) of previous eigenvectors (warm start; a random
-    column is appended). ``block``: columns per product call (default: the start block's width;
-    1 for a random start). ``max_basis``: vectors kept before a thick restart, which keeps the
-    wanted Ritz pairs at each end and locks every converged pair (so later search stays
-    orthogonal to found outliers). Stops when every requested pair has residual ≤ ``tol`` ·
-    max|θ|, at ``max_hvps`` products (never exceeded), or before a block would overrun
-    ``budget_s`` seconds; the result says which, and flags every pair that did not converge.
+    Accuracy: ``rtol`` — a number, or {end: number} — asks for residual ≤ rtol·|θ| per value;
+    ``tol`` (default 1e-6) asks for residual ≤ tol·max|θ|, and with ``rtol`` is the floor for
+    values at or near 0. ``v0``: a start vector, or a block (n, b) of previous eigenvectors
+    (warm start; a random column is appended). ``block``: columns per product call (default:
+    the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
+    restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
+    later search stays orthogonal to found outliers). Stops when every requested pair is done,
+    at ``max_hvps`` products or ``max_fpe`` full-data product equivalents (never exceeded), or
+    before a block would overrun ``budget_s`` seconds; the result says which, and flags every
+    pair that is not done. ``seed`` (default: drawn fresh and reported) fixes the random start.
     ``callback`` receives a progress dict after each block."""
     t0 = time.perf_counter()
     basis = op.krylov_basis() if isinstance(op, Operator) else op
+    operator = basis.op
     n = basis.n
     ends = parse_which(which)
+    accuracy = Accuracy.of(tol, rtol, ends)
     if not isinstance(k, (int, np.integer)) or k < 1 or k > n:
         raise InputError(f"k must be between 1 and n = {n} (the number of parameters), got {k}")
-    if not tol > 0:
-        raise InputError(f"tol must be positive, got {tol}")
     if not 0 < confidence < 1:
         raise InputError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     if block is not None and (block < 1 or block > n):
@@ -143,6 +161,9 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
     max_hvps = min(n, max(300, 20 * k)) if max_hvps is None else int(max_hvps)
     if max_hvps < 1:
         raise InputError(f"max_hvps must be at least 1, got {max_hvps}")
+    if max_fpe is not None and not max_fpe > 0:
+        raise InputError(f"max_fpe must be positive, got {max_fpe}")
+    seed = draw_seed(seed)
     rng = np.random.default_rng(seed)
     starts, random_col = start_block(v0, n, block or 1, rng)
     width = block or starts.shape[1]
@@ -152,6 +173,8 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
     elif max_basis < min(n, min_basis):
         raise InputError(f"max_basis must be at least {min_basis} for k = {k}, {len(ends)} end(s) and "
                          f"block {width}, got {max_basis}")
+    hvps0, fpe0 = operator.hvps, operator.fpe
+    limits = Limits(max_hvps, max_fpe, budget_s, operator.data_fraction, warm=hvps0 > 0, t0=t0)
     added = [basis.add_start(c) for c in starts.T]
     if not any(added):
         raise InputError("v0 must be a non-zero vector (or block)")
@@ -161,8 +184,8 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
 
     size = min(max_basis, max_hvps + starts.shape[1]) + width + 1
     C = np.zeros((size, size))
-    e, hvps, per_column, reason, restarts = 0, 0, 0.0, "max_hvps", 0
-    degree = None if random_col is None else 1          # Krylov dimension reached by the random column
+    e, hvps, reason, restarts, dropped = 0, 0, "max_hvps", 0, 0.0
+    degree = None if random_col is None else 0          # Krylov dimension reached by the random column
     hi, lo = -math.inf, math.inf                         # most extreme Ritz values seen
     ritz = None
     while True:
@@ -171,81 +194,91 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
             if basis.size >= n or basis.add_start(rng.standard_normal(n)) == 0.0:
                 reason = "exhausted"
                 break
-        count = min(width, basis.size - e, max_hvps - hvps)
-        if count <= 0:
-            reason = "max_hvps"
+        count, stop = limits.allow(min(width, basis.size - e), hvps, operator.fpe - fpe0)
+        if stop:
+            reason = stop
             break
-        if budget_s is not None:
-            left = budget_s - (time.perf_counter() - t0)
-            count = min(count, int(left / per_column) if per_column > 0 else count)
-            if count <= 0:
-                reason = "budget"
-                break
         if basis.size + count > max_basis and max_basis < n and ritz is not None:
-            e = _thick_restart(basis, C, ritz, e, ends, k, tol, (max_basis - (basis.size - e) - width) // 2)
+            e, lost = _thick_restart(basis, C, ritz, e, ends, k, accuracy, (max_basis - (basis.size - e) - width) // 2)
+            dropped += lost
             restarts += 1
             count = min(count, basis.size - e)
         t_step = time.perf_counter()
         cols = basis.expand(e, count)
-        per_column = (time.perf_counter() - t_step) / count
+        limits.record(time.perf_counter() - t_step, count)
         for i, col in enumerate(cols):
             C[: len(col), e + i] = col
         e, hvps = e + count, hvps + count
         if degree is not None and restarts == 0 and degree < n:
-            degree = 1 + (e - random_col + start_width - 1) // start_width if e > random_col else 1
-        ritz = RitzState(C, e, basis.size)
+            degree = -(-(e - random_col) // start_width) if e > random_col else 0
+        ritz = RitzState(C, e, basis.size, dropped)
         hi, lo = max(hi, float(ritz.theta[-1])), min(lo, float(ritz.theta[0]))
         picked = {w: select(ritz.theta, w, k) for w in ends}
         if callback is not None:
-            callback({"hvps": hvps, "seconds": time.perf_counter() - t0,
+            callback({"hvps": hvps, "fpe": operator.fpe - fpe0, "seconds": time.perf_counter() - t0,
                       **{w: (ritz.theta[idx], ritz.residuals[idx]) for w, idx in picked.items()}})
         if e >= min(n, k * len(ends)) and all(
-                idx.size == k and bool((ritz.residuals[idx] <= tol * ritz.scale).all()) for idx in picked.values()):
+                idx.size == k and bool((accuracy.met(w, ritz.theta[idx], ritz.residuals[idx], ritz.scale) != "").all())
+                for w, idx in picked.items()):
             reason = "converged"
             break
 
     if ritz is None:
-        raise InputError(f"no product fits the budget (budget_s={budget_s}, max_hvps={max_hvps})")
+        raise InputError(f"no product fits the limits (budget_s={budget_s}, max_hvps={max_hvps}, max_fpe={max_fpe})")
     delta = (1 - confidence) / 2
     eps = kw_epsilon(n, degree, delta) if degree is not None else math.inf
     reach = eps * (hi - lo) / (1 - 2 * eps) if eps < 0.5 else math.inf
-    pairs = {}
-    for w in ends:
-        idx = select(ritz.theta, w, k)
-        theta, res = ritz.theta[idx], ritz.residuals[idx]
-        lower, upper = (theta, theta + res) if w == "LA" else (theta - res, theta) if w == "SA" else (
-            theta - res, theta + res)
-        limit = {"LA": hi + reach, "SA": lo - reach}.get(w) if math.isfinite(reach) else None
-        converged = res <= tol * ritz.scale
-        far = {"LA": math.inf, "SA": -math.inf}.get(w) if limit is None else limit
-        if far is not None:       # an unconverged pair may sit next to an eigenvalue that is not λᵢ
-            upper = np.where(converged, upper, np.maximum(upper, far)) if w == "LA" else upper
-            lower = np.where(converged, lower, np.minimum(lower, far)) if w == "SA" else lower
-        pairs[w] = EigenPairs(
-            which=w, values=theta, residual_norms=res, error_bounds=ritz.bounds(idx),
-            converged=converged, intervals=np.column_stack([lower, upper]), limit=limit,
-            vectors=basis.combine(ritz.Y[:, idx]) if return_vectors else None)
-    return EigenResult(pairs=pairs, hvps=hvps, seconds=time.perf_counter() - t0, stop_reason=reason,
-                       confidence=confidence, restarts=restarts, krylov_degree=degree,
-                       projected=C[: basis.size, :e].copy())
+    limit = {w: ({"LA": hi + reach, "SA": lo - reach}.get(w) if math.isfinite(reach) else None) for w in ends}
+    picked = {w: select(ritz.theta, w, k) for w in ends}
+    confirm = not operator.exact
+    pairs = {w: end_pairs(w, ritz.theta, ritz.residuals, idx, accuracy, ritz.scale, limit[w],
+                          basis.combine(ritz.Y[:, idx]) if return_vectors or confirm else None)
+             for w, idx in picked.items()}
+    confirm_hvps = 0
+    if confirm:                   # residuals from real products: the projection cannot see their error
+        pairs, confirm_hvps = _confirm(operator, pairs, ends, k, accuracy, limit, return_vectors)
+        if reason == "converged" and not all(p.converged.all() for p in pairs.values()):
+            reason = "precision"
+    return EigenResult(pairs=pairs, hvps=hvps + confirm_hvps, fpe=operator.fpe - fpe0,
+                       seconds=time.perf_counter() - t0, stop_reason=reason, confidence=confidence,
+                       restarts=restarts, krylov_degree=degree, seed=seed, accuracy=accuracy.to_dict(),
+                       confirm_hvps=confirm_hvps, projected=C[: basis.size, :e].copy())
+
+
+def _confirm(op: Operator, pairs: dict[str, EigenPairs], ends: tuple[str, ...], k: int, accuracy: Accuracy,
+             limit: dict, return_vectors: bool) -> tuple[dict[str, EigenPairs], int]:
+    """A Rayleigh–Ritz step over the returned vectors with real products: the values, vectors
+    and residuals reported are those of the operator as computed. Returns (pairs, products)."""
+    X = np.column_stack([pairs[w].vectors for w in ends])
+    checked = rayleigh_ritz(op, X, ends, k, accuracy=accuracy, limits=limit)
+    if not return_vectors:
+        return {w: dataclasses.replace(p, vectors=None) for w, p in checked.pairs.items()}, checked.hvps
+    return checked.pairs, checked.hvps
 
 
 def _thick_restart(basis: KrylovBasis, C: np.ndarray, ritz: RitzState, e: int, ends: tuple[str, ...],
-                   k: int, tol: float, room: int) -> int:
+                   k: int, accuracy: Accuracy, room: int) -> tuple[int, float]:
     """Compress the expanded part of the basis to the k wanted Ritz vectors at each end, every
     converged pair (locked: later vectors stay orthogonal to them), and more from each end in
-    turn up to ``room`` in all. Rewrites C in place; returns the new expanded count."""
+    turn up to ``room`` in all. Rewrites C in place, keeping the kept block's whole projection
+    (its skew part too); returns the new expanded count and the norm of what the compression
+    could not keep (the skew part's component outside the kept vectors, added to later
+    residuals)."""
     m = basis.size
     orders = [select(ritz.theta, w, e) for w in ends]
-    converged = np.flatnonzero(ritz.residuals <= tol * ritz.scale)
+    converged = [int(i) for w in ends
+                 for i in np.flatnonzero(accuracy.met(w, ritz.theta, ritz.residuals, ritz.scale) != "")]
     must = list(dict.fromkeys(int(i) for i in [*(i for order in orders for i in order[:k]), *converged]))
     more = [int(order[rank]) for rank in range(e) for order in orders]
     keep = list(dict.fromkeys(must + more))[:max(room, len(must))]
     Y = ritz.Y[:, keep]
+    T = C[:e, :e]
+    TY = T @ Y
+    lost = float(np.linalg.norm(TY - Y @ (Y.T @ TY), 2)) if len(keep) < e else 0.0
     coupling = C[e:m, :e] @ Y
     basis.compress(Y, e)
     c, u = len(keep), m - e
     C[:] = 0.0
-    C[:c, :c] = np.diag(ritz.theta[keep])
+    C[:c, :c] = Y.T @ TY
     C[c:c + u, :c] = coupling
-    return c
+    return c, lost

@@ -1,0 +1,149 @@
+"""Ritz pairs and when they are done: the small dense problems every eigensolver shares.
+
+A Ritz pair (θ, x) of a symmetric A with unit x and residual r = ‖Ax − θx‖ certifies two
+things: some eigenvalue of A lies in [θ − r, θ + r], and (Cauchy interlacing) the i-th largest
+Ritz value of a projection is at most λᵢ. Whether θ's neighbouring eigenvalue *is* λᵢ — that no
+eigenvalue beyond it was missed — no residual can say; from a random start the
+Kuczyński–Woźniakowski bound says it with a probability (``kw_epsilon``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+
+from ..errors import InputError
+from ..operator import Operator
+from .results import WHICH, EigenPairs, EigenResult
+
+Rtol = Union[float, Mapping[str, float], None]
+DEFAULT_TOL = 1e-6
+
+
+def parse_which(which: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """``"LA,SA"`` or ``("LA", "SA")`` → ``("LA", "SA")``, validated."""
+    parts = tuple(w.strip().upper() for w in (which.split(",") if isinstance(which, str) else which))
+    bad = [w for w in parts if w not in WHICH]
+    if bad or not parts:
+        raise InputError(f"which must be a non-empty subset of {WHICH}, got {which!r}")
+    return tuple(dict.fromkeys(parts))
+
+
+def select(theta: np.ndarray, which: str, k: int) -> np.ndarray:
+    """Indices of the k values of ``theta`` at end ``which`` (LA descending, SA ascending, LM by |θ|)."""
+    order = {"LA": np.argsort(-theta, kind="stable"), "SA": np.argsort(theta, kind="stable"),
+             "LM": np.argsort(-np.abs(theta), kind="stable")}[which]
+    return order[:k]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """When a Ritz pair is done. ``rtol`` (per end): its residual — the certified distance to
+    the nearest eigenvalue — is at most rtol·|θ| (relative accuracy of *this* value, as ARPACK
+    asks). ``tol``: at most tol·max|θ| (accuracy relative to ‖A‖); with ``rtol`` it is the floor
+    for values at or near 0, where no relative accuracy exists, and such a pair is reported as
+    met by ``"tol"``, not ``"rtol"``."""
+
+    tol: float
+    rtol: Mapping[str, float]
+
+    @classmethod
+    def of(cls, tol: float | None, rtol: Rtol, ends: Sequence[str]) -> "Accuracy":
+        """Validated; ``rtol`` a number (every end) or {end: number}; ``tol`` defaults to 1e-6."""
+        if rtol is None:
+            per_end = {}
+        elif isinstance(rtol, Mapping):
+            per_end = {str(w).upper(): float(v) for w, v in rtol.items()}
+            extra = set(per_end) - set(ends)
+            if extra:
+                raise InputError(f"rtol names end(s) {sorted(extra)} that are not in which={list(ends)}")
+        else:
+            per_end = {w: float(rtol) for w in ends}
+        for w, v in per_end.items():
+            if not 0 < v < 1:
+                raise InputError(f"rtol must lie in (0, 1) (a relative error, e.g. 1e-2 for 1%), got {v} for {w}")
+        tol = DEFAULT_TOL if tol is None else float(tol)
+        if not tol > 0:
+            raise InputError(f"tol must be positive, got {tol}")
+        return cls(tol=tol, rtol=per_end)
+
+    def met(self, which: str, theta: np.ndarray, residuals: np.ndarray, scale: float) -> np.ndarray:
+        """Per pair: ``"rtol"`` (relative accuracy reached), ``"tol"`` (the ‖A‖-relative
+        criterion, or the floor near 0) or ``""`` (not done)."""
+        rtol = self.rtol.get(which)
+        relative = (residuals <= rtol * np.abs(theta)) & (theta != 0) if rtol else np.zeros(theta.shape, bool)
+        floor = residuals <= self.tol * scale
+        return np.where(relative, "rtol", np.where(floor, "tol", ""))
+
+    def to_dict(self) -> dict:
+        return {"tol": self.tol, "rtol": dict(self.rtol) or None}
+
+
+def kw_epsilon(n: int, degree: int, delta: float) -> float:
+    """Kuczyński–Woźniakowski: after Lanczos on a Krylov space of dimension ``degree`` from a
+    uniformly random start, λ_max − θ_max ≤ ε (λ_max − λ_min) with probability ≥ 1 − δ, for
+    this ε (from P ≤ 1.648 √n exp(−√ε (2·degree − 1)))."""
+    if degree < 1:
+        return math.inf
+    return (math.log(1.648 * math.sqrt(n) / delta) / (2 * degree - 1)) ** 2
+
+
+def gap_bounds(theta: np.ndarray, idx: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """min(r, r²/gap), the gap taken to the nearest other Ritz value (an estimate: the true gap
+    to the rest of the spectrum may be smaller)."""
+    out = []
+    for i, r in zip(idx, residuals):
+        others = np.delete(theta, i)
+        gap = float(np.abs(others - theta[i]).min()) if others.size else np.inf
+        out.append(min(r, r * r / gap) if gap > r else r)
+    return np.array(out, dtype=np.float64)
+
+
+def end_pairs(which: str, theta: np.ndarray, residuals: np.ndarray, idx: np.ndarray, accuracy: Accuracy,
+              scale: float, limit: float | None = None, vectors: np.ndarray | None = None) -> EigenPairs:
+    """The pairs ``idx`` of end ``which`` with flags and intervals. A done pair's interval is
+    [θ, θ + r] (LA; SA mirrored; LM both sides): its Rayleigh–Ritz side is certain, its far side
+    holds unless an eigenvalue beyond it was missed. A pair not done may sit next to an
+    eigenvalue that is not λᵢ, so its far side is ``limit`` (infinite without one)."""
+    th, r = theta[idx], residuals[idx]
+    met = accuracy.met(which, th, r, scale)
+    done = met != ""
+    lower, upper = (th, th + r) if which == "LA" else (th - r, th) if which == "SA" else (th - r, th + r)
+    far = {"LA": math.inf, "SA": -math.inf}.get(which) if limit is None else limit
+    if which == "LA":
+        upper = np.where(done, upper, np.maximum(upper, far))
+    elif which == "SA":
+        lower = np.where(done, lower, np.minimum(lower, far))
+    with np.errstate(divide="ignore"):
+        widths = np.where(th != 0, r / np.abs(th), np.inf)
+    return EigenPairs(which=which, values=th, residual_norms=r, error_bounds=gap_bounds(theta, idx, r),
+                      converged=done, met=met, relative_widths=widths,
+                      intervals=np.column_stack([lower, upper]), limit=limit, vectors=vectors)
+
+
+def rayleigh_ritz(op: Operator, X: np.ndarray, which: Union[str, Sequence[str]] = ("LA", "SA"), k: int = 1,
+                  tol: float | None = None, rtol: Rtol = None, accuracy: Accuracy | None = None,
+                  limits: Mapping[str, float | None] | None = None) -> EigenResult:
+    """Ritz pairs of ``op`` in span(X) with their true residuals, from one product per column
+    of X (counted in ``hvps`` and ``fpe``). The values are those of ``op`` itself, so the
+    Rayleigh–Ritz side of every interval is certain whatever X was found on. ``limits``: a
+    probabilistic "nothing beyond" per end from the run that found X, passed through."""
+    t0, hvps0, fpe0 = time.perf_counter(), op.hvps, op.fpe
+    ends = parse_which(which)
+    accuracy = accuracy or Accuracy.of(tol, rtol, ends)
+    Q, _ = np.linalg.qr(np.asarray(X, dtype=np.float64))
+    AQ = np.asarray(op.matmat(Q))
+    T = Q.T @ AQ
+    theta, Y = np.linalg.eigh((T + T.T) / 2)
+    vectors = Q @ Y
+    residuals = np.linalg.norm(AQ @ Y - vectors * theta, axis=0)
+    scale = float(np.abs(theta).max())
+    pairs = {}
+    for w in ends:
+        idx = select(theta, w, k)
+        pairs[w] = end_pairs(w, theta, residuals, idx, accuracy, scale, (limits or {}).get(w), vectors[:, idx])
+    return EigenResult(pairs=pairs, hvps=op.hvps - hvps0, fpe=op.fpe - fpe0, seconds=time.perf_counter() - t0,
+                       stop_reason="certified", accuracy=accuracy.to_dict())
