@@ -22,8 +22,8 @@ from .examples import EXAMPLES, cifar10_dir, get_example
 from .hvp import CURVATURES, MODES, CurvatureOperator
 from .imports import module_root, resolve
 from .params import load_state
-from .solvers.certify import subset_search
-from .solvers.lanczos import lanczos, warm_start_vector
+from .solvers.certify import solve
+from .solvers.lanczos import draw_seed, lanczos
 from .solvers.ritz import parse_which
 from .solvers.slq import slq
 from .solvers.trace import hutchinson, hutchpp
@@ -104,7 +104,7 @@ class ProgressLine:
 
     def __call__(self, info: dict) -> None:
         parts = [f"hvps {info['hvps']}" + (f"/{self.max_hvps}" if self.max_hvps else ""),
-                 f"{info['seconds']:.1f}s"]
+                 f"fpe {info['fpe']:.2f}", f"{info['seconds']:.1f}s"] + ([info["phase"]] if "phase" in info else [])
         for which, (values, res) in ((w, info[w]) for w in ("LA", "SA", "LM") if w in info):
             if len(values):
                 parts.append(f"{which} {values[0]:+.6g} (r {res[0]:.1e})")
@@ -167,6 +167,7 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
     the problem's description, print the table, write ``--json``, and always release the workers."""
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    args.seed = draw_seed(args.seed)            # one seed for the whole run, reported in the JSON
     job = build_job(args, say)
     op, cleanup, info = make_operator(args, job, say)
     try:
@@ -179,7 +180,7 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
         out = {**out, "n_params": op.n, "n_samples": op.n_samples, **info, "check_hvps": check_hvps,
                "total_seconds": time.perf_counter() - t0, "curvature": args.curvature, "dtype": args.dtype,
                "mode": products.get("mode", args.mode), "products": products, "data": job.data_note,
-               "example": args.example,
+               "example": args.example, "seed": args.seed,
                "workers_replaced": len(group.replacements) if group else 0}
     finally:
         cleanup()
@@ -195,7 +196,8 @@ def run_problem(args: argparse.Namespace, body: Callable[[Any, Job, Callable[[st
 
 
 def problem_line(out: dict) -> str:
-    return (f"{out['hvps']} products (+{out['check_hvps']} for the determinism check) in {out['seconds']:.2f} s; "
+    return (f"{out['hvps']} products, {out['fpe']:.2f} full-data product equivalents (+{out['check_hvps']} for "
+            f"the determinism check) in {out['seconds']:.2f} s; "
             f"n = {out['n_params']:,} parameters, N = {out['n_samples']:,} samples, {out['workers']} worker(s)"
             + (f"; {out['workers_replaced']} worker group rebuild(s)" if out["workers_replaced"] else "")
             + product_line(out.get("products") or {}))
@@ -227,31 +229,49 @@ def load_vectors(path: str) -> dict[str, np.ndarray]:
 END_KEYS = {"largest": "LA", "smallest": "SA", "largest_magnitude": "LM"}
 
 
+def parse_rtol(text: str | None) -> float | dict[str, float] | None:
+    """``--rtol``: one number for every end (``0.01``) or one per end (``LA=0.01,SA=0.05``)."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return float(text)
+        return {end.strip().upper(): float(value) for end, value in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise InputError(f"--rtol takes a number (0.01) or one per end (LA=0.01,SA=0.05), got {text!r}") from None
+
+
+def parse_subset(text: str) -> float | str | None:
+    """``--subset``: ``auto`` (search on a subset when the data are large enough for it to pay),
+    ``off``, or a fraction."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--subset takes auto, off or a fraction such as 0.05, got {text!r}") from None
+
+
 def cmd_eigs(args: argparse.Namespace) -> int:
     which = parse_which(args.which)
     warm = load_vectors(args.warm_start) if args.warm_start else None
+    rtol, subset = parse_rtol(args.rtol), parse_subset(args.subset)
+    tol = args.tol if args.tol is not None or rtol is not None else 1e-4
 
     def body(op, job, say):
         if args.k > op.n:
             raise InputError(f"--k {args.k} exceeds the number of parameters n = {op.n}")
         progress = None if args.quiet else ProgressLine(args.max_hvps)
-        options = dict(which=which, k=args.k, tol=args.tol, max_hvps=args.max_hvps, budget_s=args.budget_s,
-                       seed=args.seed, block=args.block, max_basis=args.max_basis, callback=progress)
-        if args.subset:
-            search = subset_search(op, start_fraction=args.subset, confidence=args.confidence, **options)
-            result, out = search.result, search.to_dict()
-        else:
-            v0 = None if warm is None else warm_start_vector(warm, op.n, args.seed)
-            if warm is not None and v0 is None:
-                raise InputError(f"the vectors in {args.warm_start!r} do not have n = {op.n} entries")
-            result = lanczos(op, v0=v0, confidence=args.confidence, **options)
-            out = result.to_dict()
+        answer = solve(op, which=which, k=args.k, tol=tol, rtol=rtol, previous=warm, subset=subset,
+                       max_hvps=args.max_hvps, max_fpe=args.max_fpe, budget_s=args.budget_s, seed=args.seed,
+                       block=args.block, max_basis=args.max_basis, confidence=args.confidence, callback=progress)
+        result, out = answer.result, answer.to_dict()
         if progress:
             progress.close()
         if args.save_vectors:
             torch.save({END_NAMES[w]: torch.from_numpy(p.vectors) for w, p in result.pairs.items()}, args.save_vectors)
             say(f"saved eigenvectors to {args.save_vectors}")
-        out.update(tol=args.tol, warm_start=args.warm_start)
+        out.update(warm_start=args.warm_start)
         return out, format_table(out), 0 if result.converged else 2
 
     return run_problem(args, body)
@@ -269,7 +289,8 @@ def cmd_density(args: argparse.Namespace) -> int:
         out = {"grid": grid.tolist(), "density": phi.tolist(), "sigma": args.sigma or d.default_sigma(),
                "support": list(d.support), "moments": d.moments(3).tolist(), "probes": args.probes,
                "nodes": [t.tolist() for t in d.nodes], "weights": [w.tolist() for w in d.weights],
-               "tridiagonals": [T.tolist() for T in d.tridiagonals], "hvps": d.hvps, "seconds": d.seconds}
+               "tridiagonals": [T.tolist() for T in d.tridiagonals], "hvps": d.hvps, "fpe": d.fpe,
+               "seconds": d.seconds}
         if args.png:
             plot_density(grid, phi, args.png)
             say(f"wrote {args.png}")
@@ -302,7 +323,8 @@ def cmd_count(args: argparse.Namespace) -> int:
         d = slq(op, probes=args.probes, steps=args.steps, seed=args.seed)
         c = d.count(-math.inf if lower is None else lower, math.inf if args.upper is None else args.upper,
                     confidence=args.confidence)
-        out = {**c.to_dict(), "probes": args.probes, "steps": args.steps, "hvps": d.hvps, "seconds": d.seconds}
+        out = {**c.to_dict(), "probes": args.probes, "steps": args.steps, "hvps": d.hvps, "fpe": d.fpe,
+               "seconds": d.seconds}
         table = (f"eigenvalues in [{c.lower:.6g}, {c.upper:.6g}]: ≈ {c.estimate:.1f}; "
                  f"{100 * c.confidence:g}% interval [{c.interval[0]:.1f}, {c.interval[1]:.1f}] "
                  f"(probe std. error {c.probe_std_error:.2g}, boundary mass {c.boundary_mass:.2g})")
@@ -328,7 +350,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     direction = pick_direction(args)
 
     def body(op, job, say):
-        rows, t0, hvps0 = [], time.perf_counter(), op.hvps
+        rows, t0, hvps0, fpe0 = [], time.perf_counter(), op.hvps, op.fpe
         for path in args.checkpoints or [None]:
             if path is not None:
                 op.set_parameters(load_checkpoint(path))
@@ -338,7 +360,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             plot_curvatures([os.path.basename(r["checkpoint"]) for r in rows], [r["curvature"] for r in rows], args.png)
             say(f"wrote {args.png}")
         out = {"direction": args.direction, "vector": args.vector, "curvatures": rows,
-               "hvps": op.hvps - hvps0, "seconds": time.perf_counter() - t0}
+               "hvps": op.hvps - hvps0, "fpe": op.fpe - fpe0, "seconds": time.perf_counter() - t0}
         table = "\n".join(f"{r['checkpoint']:<40} vᵀHv = {r['curvature']:+.8g}" for r in rows)
         return out, table, 0
 
@@ -347,7 +369,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 def cmd_line(args: argparse.Namespace) -> int:
     def body(op, job, say):
-        t0, hvps0 = time.perf_counter(), op.hvps
+        t0, hvps0, fpe0 = time.perf_counter(), op.hvps, op.fpe
         if args.direction:
             direction, source = pick_direction(args), f"{args.direction} [{args.vector}]"
         else:
@@ -363,7 +385,8 @@ def cmd_line(args: argparse.Namespace) -> int:
         if args.png:
             plot_line(scan, args.png, title=f"loss along {source}")
             say(f"wrote {args.png}")
-        out = {**scan.to_dict(), "direction": source, "hvps": op.hvps - hvps0, "seconds": time.perf_counter() - t0}
+        out = {**scan.to_dict(), "direction": source, "hvps": op.hvps - hvps0, "fpe": op.fpe - fpe0,
+               "seconds": time.perf_counter() - t0}
         table = (f"along {source}: L(θ) = {scan.loss_at_theta:.6g}, gᵀv = {scan.slope:.3g}, vᵀHv = {scan.curvature:.6g}; "
                  f"α ∈ [{scan.alphas[0]:.3g}, {scan.alphas[-1]:.3g}]: largest |loss − quadratic model| = "
                  f"{out['max_model_gap']:.3g}")
@@ -413,22 +436,37 @@ def cmd_manage(args: argparse.Namespace) -> int:
     return 0
 
 
+MET = {"rtol": "rtol", "tol": "tol", None: "NO"}
+
+
 def format_table(out: dict) -> str:
-    lines = [f"{'end':<9}{'i':>3}  {'eigenvalue':>16}  {'residual':>10}  {'interval':>32}  converged"]
+    lines = [f"{'end':<9}{'i':>3}  {'eigenvalue':>16}  {'residual':>10}  {'r/|θ|':>9}  {'interval':>32}  met"]
+    floored = False
     for end in ("largest", "smallest", "largest_magnitude"):
         if end not in out:
             continue
         for i, value in enumerate(out[end]):
             lo, hi = (("-inf" if b is None and j == 0 else "inf" if b is None else f"{b:.9g}")
                       for j, b in enumerate(out["intervals"][end][i]))
+            width = out["relative_widths"][end][i]
+            met = out["met"][end][i]
+            floored |= met == "tol" and bool(out["accuracy"].get("rtol"))
             lines.append(f"{end[:8]:<9}{i:>3}  {value:>16.9g}  {out['residual_norms'][end][i]:>10.2e}  "
-                         f"{'[' + lo + ', ' + hi + ']':>32}  {'yes' if out['converged_pairs'][end][i] else 'NO'}")
+                         f"{'inf' if width is None else f'{width:.1e}':>9}  {'[' + lo + ', ' + hi + ']':>32}  {MET[met]}")
     for end, limit in out.get("limits", {}).items():
         lines.append(f"with probability ≥ {out['confidence']}: no eigenvalue {'above' if end == 'largest' else 'below'} "
                      f"{limit:.9g}")
     lines.append(f"stopped: {out['stop_reason']}" + (f" after {out['restarts']} thick restart(s)" if out.get("restarts") else ""))
+    if floored:
+        lines.append(f"met 'tol': a value too close to 0 for relative accuracy, within tol·max|θ| "
+                     f"({out['accuracy']['tol']:g}·max|θ|) instead")
+    if out.get("subset"):
+        sub = out["subset"]
+        lines.append(f"searched on {100 * sub['data_fraction']:.3g}% of the data ({sub['n_samples']:,} samples, "
+                     f"{sub['fpe']:.2f} FPE), certified on all of it ({sub['full_fpe']:.0f} FPE)")
     if not out["converged"]:
-        lines.append("WARNING: not every pair met --tol; the values above are estimates within their intervals")
+        lines.append("WARNING: not every pair met the accuracy asked for; the values above are estimates within "
+                     "their intervals")
     return "\n".join(lines)
 
 
@@ -454,7 +492,7 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 2); 0 = in-process")
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="random seed (default: drawn fresh; the JSON reports it)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--no-check", action="store_true", help="skip the determinism check (3 products)")
@@ -467,16 +505,19 @@ def parser() -> argparse.ArgumentParser:
     add_problem_options(p)
     p.add_argument("--which", default="LA,SA", help="LA (largest), SA (smallest), LM; comma-separated")
     p.add_argument("--k", type=int, default=1, help="pairs per end")
-    p.add_argument("--tol", type=float, default=1e-4, help="residual tolerance relative to max|λ|")
+    p.add_argument("--rtol", help="accuracy per value: residual ≤ RTOL·|λ| (0.01, or per end: LA=0.01,SA=0.05)")
+    p.add_argument("--tol", type=float, help="residual ≤ TOL·max|λ| (default 1e-4; with --rtol the floor for "
+                   "values near 0, default 1e-6)")
     p.add_argument("--max-hvps", type=int, help="stop after this many products (never exceeded)")
+    p.add_argument("--max-fpe", type=float, help="stop after this many full-data product equivalents (never exceeded)")
     p.add_argument("--budget-s", type=float, help="stop before this many seconds")
     p.add_argument("--block", type=int, help="columns per product call (default: the start block's width)")
     p.add_argument("--max-basis", type=int, help="basis vectors kept before a thick restart (default: 4 GiB)")
     p.add_argument("--confidence", type=float, default=0.999, help="for the probabilistic 'nothing beyond' limits")
     p.add_argument("--warm-start", help="start from the eigenvectors in this file (from --save-vectors)")
     p.add_argument("--save-vectors", help="write the eigenvectors here (torch.save of {largest, smallest})")
-    p.add_argument("--subset", type=float, help="search on this fraction of the data, certify on all of it, "
-                   "doubling the fraction until the certified values settle")
+    p.add_argument("--subset", default="auto", help="auto (default: search on a fixed 5%% of the data when there "
+                   "are enough samples for it to pay, then certify on all of it), off, or a fraction")
     p.set_defaults(func=cmd_eigs)
 
     p = sub.add_parser("density", help="spectral density by stochastic Lanczos quadrature")

@@ -6,6 +6,7 @@ no shuffling, no re-drawn augmentation) and kept on the compute device.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -15,6 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .errors import InputError
 
 DataLike = Union[Dataset, DataLoader, tuple, list]
+
+
+def spread_indices(n: int, fraction: float) -> torch.Tensor:
+    """The ⌈fraction · n⌉ of n samples a subset keeps: ⌊j·n/m⌋ for j < m, evenly spread."""
+    m = min(n, math.ceil(fraction * n))
+    return torch.arange(m) * n // m
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,22 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def spread(self, fraction: float) -> "Batches":
+        """⌈fraction · n⌉ samples spread evenly over the data (sample ⌊j·n/m⌋ for j < m), in
+        batches as large as these: a fixed subset that sorted data cannot bias towards its start."""
+        n = self.n_samples
+        picked = spread_indices(n, fraction)
+        xs, ys, start = [], [], 0
+        for x, y in self.batches:
+            local = picked[(picked >= start) & (picked < start + len(y))] - start
+            if len(local):
+                xs.append(x[local.to(x.device)])
+                ys.append(y[local.to(y.device)])
+            start += len(y)
+        size = max(len(y) for _, y in self.batches)
+        x, y = torch.cat(xs), torch.cat(ys)
+        return Batches(tuple(zip(x.split(size), y.split(size))))
 
 
 def _is_tensor_pair(data: Any) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import resource
 import sys
 import time
@@ -118,18 +117,14 @@ class CurvatureOperator(Operator):
         self._batch_product = self._product_function(self.mode, compiled)
 
     def subset(self, fraction: float) -> "CurvatureOperator":
-        """A view over the first ⌈fraction · local samples⌉ of this process's batches (same model,
-        same parameters); with a reducer, every process must call it together."""
+        """A view over ⌈fraction · local samples⌉ of this process's samples, spread evenly over
+        them (same model, same parameters; see :meth:`Batches.spread`); its products count
+        ``fraction`` of a full one in ``fpe``, exactly (by samples). With a reducer, every
+        process must call it together."""
         if not 0 < fraction <= 1:
             raise InputError(f"fraction must lie in (0, 1], got {fraction}")
-        keep, batches = math.ceil(fraction * self.batches.n_samples), []
-        for x, y in self.batches:
-            if keep <= 0:
-                break
-            batches.append((x[:keep], y[:keep]))
-            keep -= len(y)
         view = copy.copy(self)
-        view.batches, view.hvps, view.fpe = Batches(tuple(batches)), 0, 0.0
+        view.batches, view.hvps, view.fpe = self.batches.spread(fraction), 0, 0.0
         n_samples = torch.tensor([float(view.batches.n_samples)], dtype=torch.float64, device=self.device)
         self._reduce(n_samples)
         view.n_samples = int(n_samples.item())

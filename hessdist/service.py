@@ -26,12 +26,13 @@ import torch
 
 from .dist import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, WorkerError
-from .solvers.lanczos import lanczos, warm_start_vector
-from .solvers.ritz import parse_which
+from .solvers.certify import solve
+from .solvers.lanczos import draw_seed
+from .solvers.ritz import Accuracy, Rtol, parse_which
 
 NAMESPACE = "hessdist"
-SOLVE_OPTIONS = {"which", "k", "tol", "max_hvps", "budget_s", "compare_cold", "seed", "block", "max_basis",
-                 "confidence"}
+SOLVE_OPTIONS = {"which", "k", "tol", "rtol", "max_hvps", "max_fpe", "budget_s", "subset", "compare_cold", "seed",
+                 "block", "max_basis", "confidence"}
 
 
 class EigenService:
@@ -122,22 +123,23 @@ class EigenService:
                 self._cv.notify_all()
 
     def _solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
-               tol: float = 1e-4, max_hvps: int | None = None, budget_s: float | None = None,
-               compare_cold: bool = False, seed: int = 0, **solver_options: Any) -> dict:
+               tol: float | None = None, rtol: Rtol = None, subset: float | str | None = "auto",
+               compare_cold: bool = False, seed: int | None = None, **solver_options: Any) -> dict:
         which = parse_which(which)
         if any(h["step"] == step for h in self.history):
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
-        opts = dict(which=which, k=k, tol=tol, max_hvps=max_hvps, budget_s=budget_s, seed=seed,
-                    return_vectors=True, **solver_options)
-        v0 = warm_start_vector(self.vectors, self.op.n, seed)
-        res = lanczos(self.op, v0=v0, **opts)
-        entry = {"step": step, **res.to_dict(), "warm_start": v0 is not None,
+        tol = 1e-4 if tol is None and rtol is None else tol
+        opts = dict(which=which, k=k, tol=tol, rtol=rtol, seed=draw_seed(seed), **solver_options)
+        answer = solve(self.op, previous=self.vectors or None, subset=subset, **opts)
+        res = answer.result
+        entry = {"step": step, **answer.to_dict(), "warm_start": bool(self.vectors),
                  "workers": self.group.size, "workers_replaced": len(self.group.replacements) - replaced}
-        if compare_cold and v0 is not None:
-            cold = lanczos(self.op, **{**opts, "return_vectors": False})
-            entry.update(cold_hvps=cold.hvps, hvps_saved=cold.hvps - res.hvps)
+        if compare_cold and self.vectors:
+            cold = solve(self.op, subset=subset, return_vectors=False, **opts).result
+            entry.update(cold_hvps=cold.hvps, cold_fpe=cold.fpe, hvps_saved=cold.hvps - res.hvps,
+                         fpe_saved=cold.fpe - res.fpe)
         entry.update(wall_seconds=time.time() - t0, products=self.op.describe())
         vectors = {w: p.vectors for w, p in res.pairs.items()}
         self._record(entry, vectors)
@@ -156,7 +158,7 @@ class EigenService:
                 "worker_pids": [p["pid"] for p in self.group.placements],
                 "devices": [f"{p['node']} gpus={p['gpus'] or 'none'}" for p in self.group.placements],
                 "latest": None if latest is None else {key: latest[key] for key in (
-                    "step", "largest", "smallest", "converged", "hvps", "seconds") if key in latest}}
+                    "step", "largest", "smallest", "converged", "hvps", "fpe", "seconds") if key in latest}}
 
     def history_entries(self) -> list[dict]:
         return list(self.history)
@@ -219,10 +221,12 @@ class ServiceHandle:
     def submit(self, state_dict: Mapping[str, torch.Tensor], step: int, **options: Any) -> "ray.ObjectRef":
         """Queue a solve at these parameters (copied now: the trainer may keep updating its
         model) and return a future at once. Solves run in the order they were submitted.
-        Options: which, k, tol, max_hvps, budget_s, compare_cold, seed, block, max_basis, confidence."""
+        Options: which, k, tol, rtol, max_hvps, max_fpe, budget_s, subset, compare_cold, seed,
+        block, max_basis, confidence (as for :func:`hessdist.solvers.certify.solve`)."""
         unknown = set(options) - SOLVE_OPTIONS
         if unknown:
             raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")
+        Accuracy.of(options.get("tol"), options.get("rtol"), parse_which(options.get("which", "LA,SA")))
         state = {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
         rid = ray.get(self.actor.enqueue.remote(ray.put(state), step, options))
         return self.actor.wait.remote(rid)

@@ -6,6 +6,7 @@ import pytest
 import ray
 import torch
 
+from hessdist.data import spread_indices
 from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup
 from hessdist.errors import InputError, WorkerError
 from hessdist.hvp import CurvatureOperator
@@ -158,18 +159,19 @@ def test_module_that_does_not_import_on_a_worker():
 
 
 def test_subset_density_trace_and_line_through_workers(groups):
-    """Issue-5 features on the worker group give the in-process numbers: a subset (each rank's
-    leading half of its strided shard = the first 61 samples), SLQ, Hutch++ and a line scan."""
+    """Issue-5 features on the worker group give the in-process numbers: a subset (half of each
+    rank's strided shard, spread evenly over it), SLQ, Hutch++ and a line scan."""
     from hessdist.directions import line_scan
     from hessdist.solvers.slq import slq
     from hessdist.solvers.trace import hutchpp
     dist_op, local = DistributedOperator(groups[2]), in_process()
     dist_op.set_parameters(local.model.state_dict())
     x, y = data_factory()
-    sub, ref = dist_op.subset(0.5), CurvatureOperator(helpers.cnn_bn(), "cross_entropy", (x[:61], y[:61]),
+    kept = torch.cat([torch.arange(N)[r::2][spread_indices(len(range(r, N, 2)), 0.5)] for r in (0, 1)])
+    sub, ref = dist_op.subset(0.5), CurvatureOperator(helpers.cnn_bn(), "cross_entropy", (x[kept], y[kept]),
                                                       batch_size=32, dtype=torch.float64)
     V = np.random.default_rng(0).standard_normal((local.n, 2))
-    assert sub.n_samples == 61
+    assert sub.n_samples == 61 and sub.data_fraction == 61 / N
     np.testing.assert_allclose(sub.matmat(V), ref.matmat(V), rtol=1e-10, atol=1e-13)
     d_dist, d_local = slq(dist_op, probes=2, steps=12, seed=1), slq(local, probes=2, steps=12, seed=1)
     for a, b in zip(d_dist.nodes, d_local.nodes):

@@ -149,28 +149,27 @@ def test_subset_search_certifies_the_full_data_values():
     data = digits_subset()
     op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=64)
     lam = np.linalg.eigvalsh(H)
-    search = subset_search(op, which="LA,SA", k=1, tol=1e-8, start_fraction=0.25, move_tol=1e-6)
-    assert [lv["fraction"] for lv in search.levels][0] == 0.25 and len(search.levels) >= 2
-    res = search.result
+    answer = subset_search(op, which="LA,SA", k=1, tol=1e-8, fraction=0.25, seed=0)
+    res, sub = answer.result, answer.subset
     np.testing.assert_allclose(res.largest.values, lam[-1:], rtol=1e-6)
     np.testing.assert_allclose(res.smallest.values, lam[:1], rtol=1e-3)
     for end, truth in (("LA", lam[-1]), ("SA", lam[0])):
         lo, hi = res.pairs[end].intervals[0]
         assert lo - 1e-12 <= truth <= hi + 1e-12
-    first = search.levels[0]
-    assert first["n_samples"] == -(-len(data[1]) // 4) and set(first["angles"]) == {"LA", "SA"}
-    assert search.hvps_equivalent < sum(lv["subset_hvps"] for lv in search.levels) + res.hvps
+    assert sub["n_samples"] == 30 and set(sub["largest"]) >= {"values", "angles_deg", "relative_differences"}
+    assert res.hvps == sub["hvps"] + sub["full_hvps"] and res.fpe == pytest.approx(sub["hvps"] / 4 + sub["full_hvps"])
 
 
-def test_subset_operator_uses_the_leading_samples():
+def test_subset_operator_spreads_its_samples():
     model, _, _ = reference("mlp")
     x, y = digits_subset()
     op = CurvatureOperator(model, "cross_entropy", (x, y), dtype=torch.float64, batch_size=7)
     sub = op.subset(0.5)
-    ref = CurvatureOperator(model, "cross_entropy", (x[:60], y[:60]), dtype=torch.float64, batch_size=7)
+    ref = CurvatureOperator(model, "cross_entropy", (x[::2], y[::2]), dtype=torch.float64, batch_size=7)
     V = np.random.default_rng(0).standard_normal((op.n, 2))
-    assert sub.n_samples == 60
+    assert sub.n_samples == 60 and sub.data_fraction == 0.5
     np.testing.assert_allclose(sub.matmat(V), ref.matmat(V), rtol=1e-12, atol=1e-14)
+    assert sub.hvps == 1 * 2 and sub.fpe == 1.0 and op.hvps == 0
     with pytest.raises(InputError, match="fraction"):
         op.subset(0)
 

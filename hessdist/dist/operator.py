@@ -13,6 +13,7 @@ import ray
 import torch
 
 from ..errors import HessdistError, InputError
+from ..hvp import products_exact
 from ..operator import Operator
 from ..solvers.krylov import KrylovBasis
 from .group import WorkerGroup
@@ -25,6 +26,9 @@ class DistributedOperator(Operator):
         self.group, self.fraction = group, fraction
         self.n = group.n
         self.n_samples = group.n_samples if fraction == 1.0 else group.run("subset_samples", fraction)[0]
+        self.data_fraction = self.n_samples / group.n_samples
+        spec = group.spec
+        self.exact = products_exact(getattr(torch, spec.dtype), spec.tf32, spec.mode)
 
     def subset(self, fraction: float) -> "DistributedOperator":
         """The same workers, each using the leading ``fraction`` of its shard."""
@@ -62,7 +66,7 @@ class DistributedOperator(Operator):
 
     def check_determinism(self, seed: int = 0) -> None:
         self.group.run("check_determinism", seed)
-        self.hvps += 3
+        self.count(3)
 
     def krylov_basis(self) -> "RemoteKrylovBasis":
         return RemoteKrylovBasis(self)
@@ -104,7 +108,7 @@ class RemoteKrylovBasis(KrylovBasis):
     def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
         results = self.group.run("basis_expand", j, count)
         cols = [self._same_on_every_rank([r[i] for r in results], f"step {j + i}") for i in range(count)]
-        self.op.hvps += count
+        self.op.count(count)
         self._size += sum(col[-1] > 0 for col in cols)
         self._log.append(("basis_expand", (j, count)))
         return cols
@@ -137,6 +141,6 @@ class RemoteKrylovBasis(KrylovBasis):
                 group._call(method, ray.put(arg))
             elif method == "basis_expand":
                 group._call(method, *arg)
-                self.op.hvps += arg[1]
+                self.op.count(arg[1])
             else:
                 group._call(method, ray.put(arg[0]), arg[1])

@@ -9,7 +9,9 @@ pass. A requested pair is done when its residual ‖Ax − θx‖ meets the :cla
 ``rtol`` relative to |θ| itself, ``tol`` relative to max|θ|. The residual is read off C: true
 to rounding when products are exact (float64), because every product is re-orthogonalised
 against the whole basis. When they are not (float32, TF32, bfloat16, finite differences), the
-returned pairs are confirmed with real products before they are reported.
+returned pairs are confirmed with real products before they are reported (one per pair, kept
+back within ``max_hvps``/``max_fpe``/``budget_s``; when those leave no room, the projected
+residuals are reported and ``confirm_hvps`` is 0).
 
 What is certain and what is probable: see :mod:`hessdist.solvers.ritz`. From a start block that
 held a random vector, the Kuczyński–Woźniakowski bound adds a ``limit``: with probability ≥
@@ -96,32 +98,36 @@ class Limits:
     the run, one single product is taken to measure the real cost."""
 
     def __init__(self, max_hvps: int, max_fpe: float | None, budget_s: float | None, fraction: float,
-                 warm: bool, t0: float):
+                 warm: bool, t0: float, reserve: int = 0):
         self.max_hvps, self.max_fpe, self.budget_s = max_hvps, max_fpe, budget_s
         self.fraction, self.warm, self.t0 = fraction, warm, t0
         self.per_column: list[float] = []
+        fits = max_hvps - reserve >= 1 and (max_fpe is None or max_fpe / fraction - reserve >= 1 - 1e-9)
+        #: products kept back for a final check (confirming residuals); 0 when the limits leave no room
+        self.reserve = reserve if fits else 0
 
     def record(self, seconds: float, columns: int) -> None:
         self.per_column.append(seconds / columns)
 
     def allow(self, wanted: int, hvps: int, fpe: float) -> tuple[int, str | None]:
         """How many of ``wanted`` columns may be expanded now, and the stop reason when none."""
-        count = min(wanted, self.max_hvps - hvps)
+        count = min(wanted, self.max_hvps - self.reserve - hvps)
         if count <= 0:
             return 0, "max_hvps"
         if self.max_fpe is not None:
-            count = min(count, int(math.floor((self.max_fpe - fpe) / self.fraction + 1e-9)))
+            count = min(count, int(math.floor((self.max_fpe - fpe) / self.fraction + 1e-9)) - self.reserve)
             if count <= 0:
                 return 0, "max_fpe"
         times = self.per_column
         if self.budget_s is not None and times:      # the first block always runs: nothing to predict from
-            left = self.budget_s - (time.perf_counter() - self.t0)
+            per_column = statistics.median(times[1:][-5:] or times)
+            left = self.budget_s - (time.perf_counter() - self.t0) - self.reserve * per_column
             if left <= 0:
                 return 0, "budget"
             if len(times) == 1 and not self.warm and left < times[0] * count:
                 count = 1                        # a probe: the first block may have been a warm-up
             else:
-                count = min(count, int(left / statistics.median(times[1:][-5:] or times)))
+                count = min(count, int(left / per_column))
             if count <= 0:
                 return 0, "budget"
         return count, None
@@ -174,7 +180,8 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
         raise InputError(f"max_basis must be at least {min_basis} for k = {k}, {len(ends)} end(s) and "
                          f"block {width}, got {max_basis}")
     hvps0, fpe0 = operator.hvps, operator.fpe
-    limits = Limits(max_hvps, max_fpe, budget_s, operator.data_fraction, warm=hvps0 > 0, t0=t0)
+    limits = Limits(max_hvps, max_fpe, budget_s, operator.data_fraction, warm=hvps0 > 0, t0=t0,
+                    reserve=0 if operator.exact else k * len(ends))
     added = [basis.add_start(c) for c in starts.T]
     if not any(added):
         raise InputError("v0 must be a non-zero vector (or block)")
@@ -230,7 +237,7 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
     reach = eps * (hi - lo) / (1 - 2 * eps) if eps < 0.5 else math.inf
     limit = {w: ({"LA": hi + reach, "SA": lo - reach}.get(w) if math.isfinite(reach) else None) for w in ends}
     picked = {w: select(ritz.theta, w, k) for w in ends}
-    confirm = not operator.exact
+    confirm = limits.reserve > 0
     pairs = {w: end_pairs(w, ritz.theta, ritz.residuals, idx, accuracy, ritz.scale, limit[w],
                           basis.combine(ritz.Y[:, idx]) if return_vectors or confirm else None)
              for w, idx in picked.items()}

@@ -102,16 +102,39 @@ def gap_bounds(theta: np.ndarray, idx: np.ndarray, residuals: np.ndarray) -> np.
     return np.array(out, dtype=np.float64)
 
 
+def cluster_reach(theta: np.ndarray, residuals: np.ndarray, which: str) -> np.ndarray:
+    """Per Ritz value, how far towards end ``which`` its eigenvalue may lie: the far edge of the
+    chain of overlapping residual intervals [θ − r, θ + r] it belongs to, from that end in. Ritz
+    values whose intervals overlap are not resolved apart, so the i-th eigenvalue may sit at any
+    of their places (e.g. λ₂ next to θ₁ while θ₂ already approximates λ₃)."""
+    sign = 1.0 if which == "LA" else -1.0
+    u = sign * theta                                   # towards the end is +∞
+    reach = np.empty_like(theta)
+    far, near = -np.inf, np.inf
+    for i in np.argsort(-u, kind="stable"):
+        if u[i] + residuals[i] >= near:                # overlaps the chain above: joins it
+            far, near = max(far, u[i] + residuals[i]), min(near, u[i] - residuals[i])
+        else:
+            far, near = u[i] + residuals[i], u[i] - residuals[i]
+        reach[i] = sign * far
+    return reach
+
+
 def end_pairs(which: str, theta: np.ndarray, residuals: np.ndarray, idx: np.ndarray, accuracy: Accuracy,
               scale: float, limit: float | None = None, vectors: np.ndarray | None = None) -> EigenPairs:
-    """The pairs ``idx`` of end ``which`` with flags and intervals. A done pair's interval is
-    [θ, θ + r] (LA; SA mirrored; LM both sides): its Rayleigh–Ritz side is certain, its far side
-    holds unless an eigenvalue beyond it was missed. A pair not done may sit next to an
-    eigenvalue that is not λᵢ, so its far side is ``limit`` (infinite without one)."""
+    """The pairs ``idx`` of end ``which`` with flags and intervals. A done pair's interval runs
+    from θ (the Rayleigh–Ritz side: certain) to θ ± r, widened to the far edge of any chain of
+    overlapping residual intervals towards the end (LA; SA mirrored; LM θ ± r): that side holds
+    unless an eigenvalue beyond was missed. A pair not done may sit next to an eigenvalue that
+    is not λᵢ, so its far side is ``limit`` (infinite without one)."""
     th, r = theta[idx], residuals[idx]
     met = accuracy.met(which, th, r, scale)
     done = met != ""
-    lower, upper = (th, th + r) if which == "LA" else (th - r, th) if which == "SA" else (th - r, th + r)
+    if which in ("LA", "SA"):
+        reach = cluster_reach(theta, residuals, which)[idx]
+        lower, upper = (th, reach) if which == "LA" else (reach, th)
+    else:
+        lower, upper = th - r, th + r
     far = {"LA": math.inf, "SA": -math.inf}.get(which) if limit is None else limit
     if which == "LA":
         upper = np.where(done, upper, np.maximum(upper, far))

@@ -18,6 +18,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..operator import Operator
+from .lanczos import draw_seed
 
 Progress = Callable[[dict], None]
 
@@ -56,6 +57,8 @@ class SpectralDensity:
     tridiagonals: list[np.ndarray]
     hvps: int
     seconds: float
+    fpe: float = 0.0
+    seed: int | None = None
 
     @property
     def support(self) -> tuple[float, float]:
@@ -113,16 +116,17 @@ class SpectralDensity:
                                confidence=confidence, probe_std_error=std_error, boundary_mass=boundary)
 
 
-def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int = 0,
+def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int | None = None,
         callback: Progress | None = None) -> SpectralDensity:
     """``probes`` Lanczos runs of ``steps`` products each from random Rademacher probes (fully
     re-orthogonalised, on the operator's Krylov basis); a run that finds an invariant subspace
-    stops early with an exact rule."""
+    stops early with an exact rule. ``seed``: drawn fresh when None, and reported."""
     if probes < 1 or steps < 1:
         raise InputError(f"probes and steps must be positive, got probes={probes}, steps={steps}")
     steps = min(steps, op.n)
+    seed = draw_seed(seed)
     rng = np.random.default_rng(seed)
-    t0, hvps = time.perf_counter(), 0
+    t0, hvps, fpe0 = time.perf_counter(), 0, op.fpe
     nodes, weights, residuals, tridiagonals = [], [], [], []
     for p in range(probes):
         basis = op.krylov_basis()
@@ -142,4 +146,5 @@ def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int = 0,
         if callback is not None:
             callback({"probe": p + 1, "probes": probes, "hvps": hvps, "seconds": time.perf_counter() - t0})
     return SpectralDensity(n=op.n, nodes=nodes, weights=weights, node_residuals=residuals,
-                           tridiagonals=tridiagonals, hvps=hvps, seconds=time.perf_counter() - t0)
+                           tridiagonals=tridiagonals, hvps=hvps, seconds=time.perf_counter() - t0,
+                           fpe=op.fpe - fpe0, seed=seed)

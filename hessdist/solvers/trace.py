@@ -17,6 +17,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..operator import Operator
+from .lanczos import draw_seed
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,13 @@ class TraceEstimate:
     samples: int
     hvps: int
     seconds: float
+    fpe: float = 0.0
+    seed: int | None = None
 
     def to_dict(self) -> dict:
         return {"method": self.method, "trace": self.value, "std_error": self.std_error,
                 "interval": list(self.interval), "confidence": self.confidence, "samples": self.samples,
-                "hvps": self.hvps, "seconds": self.seconds}
+                "hvps": self.hvps, "fpe": self.fpe, "seconds": self.seconds, "seed": self.seed}
 
 
 def _rademacher(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -51,13 +54,15 @@ def _quadratic_forms(op: Operator, Z: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _estimate(method: str, exact: float, samples: np.ndarray, confidence: float, hvps: int, t0: float) -> TraceEstimate:
+def _estimate(method: str, exact: float, samples: np.ndarray, confidence: float, hvps: int, t0: float,
+              fpe: float, seed: int) -> TraceEstimate:
     s = len(samples)
     std_error = float(samples.std(ddof=1) / math.sqrt(s)) if s > 1 else math.inf
     half = float(stats.t.ppf((1 + confidence) / 2, s - 1)) * std_error if s > 1 else math.inf
     value = exact + float(samples.mean())
     return TraceEstimate(method=method, value=value, std_error=std_error, interval=(value - half, value + half),
-                         confidence=confidence, samples=s, hvps=hvps, seconds=time.perf_counter() - t0)
+                         confidence=confidence, samples=s, hvps=hvps, seconds=time.perf_counter() - t0, fpe=fpe,
+                         seed=seed)
 
 
 def _check(hvps: int, minimum: int, confidence: float) -> None:
@@ -67,21 +72,23 @@ def _check(hvps: int, minimum: int, confidence: float) -> None:
         raise InputError(f"confidence must lie strictly between 0 and 1, got {confidence}")
 
 
-def hutchinson(op: Operator, *, hvps: int = 30, block: int = 8, seed: int = 0,
+def hutchinson(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None = None,
                confidence: float = 0.95) -> TraceEstimate:
-    """tr(A) from ``hvps`` Rademacher probes."""
+    """tr(A) from ``hvps`` Rademacher probes (``seed``: drawn fresh when None, and reported)."""
     _check(hvps, 2, confidence)
-    t0, rng = time.perf_counter(), np.random.default_rng(seed)
+    seed = draw_seed(seed)
+    t0, rng, fpe0 = time.perf_counter(), np.random.default_rng(seed), op.fpe
     samples = _quadratic_forms(op, _rademacher(rng, op.n, hvps), block)
-    return _estimate("hutchinson", 0.0, samples, confidence, hvps, t0)
+    return _estimate("hutchinson", 0.0, samples, confidence, hvps, t0, op.fpe - fpe0, seed)
 
 
-def hutchpp(op: Operator, *, hvps: int = 30, block: int = 8, seed: int = 0,
+def hutchpp(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None = None,
             confidence: float = 0.95) -> TraceEstimate:
     """tr(A) by Hutch++ with ``hvps`` products: a third sketch A's range, a third give the exact
-    trace on it, a third estimate the rest."""
+    trace on it, a third estimate the rest (``seed``: drawn fresh when None, and reported)."""
     _check(hvps, 6, confidence)
-    t0, rng = time.perf_counter(), np.random.default_rng(seed)
+    seed = draw_seed(seed)
+    t0, rng, fpe0 = time.perf_counter(), np.random.default_rng(seed), op.fpe
     s = hvps // 3
     S = _rademacher(rng, op.n, s)
     AS = np.column_stack([np.asarray(op.matmat(S[:, j:j + block])) for j in range(0, s, block)])
@@ -91,4 +98,4 @@ def hutchpp(op: Operator, *, hvps: int = 30, block: int = 8, seed: int = 0,
     G = _rademacher(rng, op.n, hvps - 2 * s)
     G -= Q @ (Q.T @ G)
     samples = _quadratic_forms(op, G, block)
-    return _estimate("hutch++", exact, samples, confidence, hvps, t0)
+    return _estimate("hutch++", exact, samples, confidence, hvps, t0, op.fpe - fpe0, seed)

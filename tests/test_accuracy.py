@@ -1,0 +1,286 @@
+"""The per-value accuracy contract (rtol with a tol floor), the cost in full-data product
+equivalents (fpe), the subset path, and certificates that hold what they say — all against
+dense float64 eigendecompositions (torch.linalg.eigh) of real models' Hessians."""
+import functools
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hessdist.errors import InputError
+from hessdist.examples import digits_shifted
+from hessdist.hvp import CurvatureOperator
+from hessdist.solvers.certify import solve, subset_fraction, subset_search
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.ritz import Accuracy, kw_epsilon
+
+from .helpers import DenseOperator, dense_ggn_cross_entropy, dense_hessian, digits_subset, mlp, reference, \
+    trained_mlp_hessian
+
+
+def eigh(H):
+    lam, U = torch.linalg.eigh(torch.from_numpy(H))
+    return lam.numpy(), U.numpy()
+
+
+def exact_ith(lam: np.ndarray, end: str, k: int) -> np.ndarray:
+    return lam[::-1][:k] if end == "LA" else lam[:k]
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn", "trained_mlp"])
+@pytest.mark.parametrize("rtol, k", [(1e-2, 1), (1e-2, 2), (1e-3, 2)])
+def test_rtol_pairs_meet_rtol_against_the_exact_eigenvalues(case, rtol, k):
+    """Every pair flagged as met by rtol is within rtol of the exact i-th eigenvalue, and every
+    interval contains it — including λ_min of a trained MLP 200+ times smaller than λ_max."""
+    H = trained_mlp_hessian() if case == "trained_mlp" else reference(case)[1]
+    lam, _ = eigh(H)
+    if case == "trained_mlp":
+        assert lam[-1] / abs(lam[0]) >= 200
+    for seed in range(3):
+        res = lanczos(DenseOperator(H), which="LA,SA", k=k, rtol=rtol, tol=1e-14, seed=seed)
+        assert res.converged and res.stop_reason == "converged"
+        for end, p in res.pairs.items():
+            truth = exact_ith(lam, end, k)
+            assert list(p.met) == ["rtol"] * k
+            assert (np.abs(p.values - truth) <= rtol * np.abs(truth)).all(), (end, p.values, truth)
+            np.testing.assert_allclose(p.relative_widths, p.residual_norms / np.abs(p.values))
+            assert (p.relative_widths <= rtol).all()
+            for (lo, hi), t in zip(p.intervals, truth):
+                assert lo - 1e-12 <= t <= hi + 1e-12
+
+
+def test_a_missed_eigenvalue_is_possible_and_the_limit_still_covers_it():
+    """The residual certifies only that SOME eigenvalue lies within r of θ. With a loose rtol a
+    run can stop before the extreme eigenvector has surfaced (a small component in the start);
+    then the interval misses λ while θ ≥ λ_min stays certain, and the probabilistic limit holds
+    at its confidence — what the README states."""
+    _, H, _ = reference("cnn_bn")
+    lam, _ = eigh(H)
+    misses = uncovered = 0
+    for seed in range(60):
+        res = lanczos(DenseOperator(H), which="SA", rtol=0.1, tol=1e-14, seed=seed, return_vectors=False,
+                      confidence=0.9)
+        p = res.smallest
+        assert p.values[0] >= lam[0] - 1e-12                        # certain: θ ≥ λ_min
+        assert np.abs(lam - p.values[0]).min() <= p.residual_norms[0] * (1 + 1e-9)   # certain
+        misses += not p.intervals[0, 0] - 1e-12 <= lam[0]
+        uncovered += p.limit is not None and lam[0] < p.limit
+    assert uncovered <= 0.1 * 60
+    print(f"{misses} of 60 runs stopped before λ_min surfaced")
+
+
+def test_rtol_asks_more_of_the_small_end_than_tol():
+    """tol relative to max|θ| stops with λ_min of the trained MLP far off; rtol does not."""
+    H = trained_mlp_hessian()
+    lam, _ = eigh(H)
+    loose = lanczos(DenseOperator(H), which="LA,SA", tol=1e-3, seed=0)
+    tight = lanczos(DenseOperator(H), which="LA,SA", rtol=1e-3, seed=0)
+    assert loose.converged and tight.converged and tight.hvps > loose.hvps
+    assert loose.smallest.relative_widths[0] > 1e-2                 # "converged", yet not 1% sure
+    assert abs(tight.smallest.values[0] - lam[0]) <= 1e-3 * abs(lam[0])
+    per_end = lanczos(DenseOperator(H), which="LA,SA", rtol={"LA": 1e-6, "SA": 1e-1}, seed=0)
+    assert per_end.largest.relative_widths[0] <= 1e-6 and per_end.smallest.relative_widths[0] <= 1e-1
+
+
+def test_a_value_at_zero_is_floored_by_tol_not_converged_by_rtol():
+    """The GGN of an MLP on fewer samples than parameters/classes is singular: λ_min = 0 exactly,
+    where no relative accuracy exists; the pair is reported as met by the tol floor."""
+    torch.manual_seed(0)
+    model = mlp(hidden=12)
+    x, y = digits_subset(40)                      # rank ≤ 40·9 = 360 < 910 parameters
+    G = dense_ggn_cross_entropy(model, x, y)
+    lam, _ = eigh(G)
+    assert abs(lam[0]) < 1e-12 * lam[-1]
+    op = CurvatureOperator(model, "cross_entropy", (x, y), curvature="ggn", dtype=torch.float64)
+    res = lanczos(op, which="LA,SA", rtol=1e-2, tol=1e-8, seed=0)
+    assert res.converged and res.largest.met[0] == "rtol" and res.smallest.met[0] == "tol"
+    assert abs(res.smallest.values[0]) <= 1e-8 * lam[-1] and res.smallest.relative_widths[0] > 1e-2
+    assert res.to_dict()["met"] == {"largest": ["rtol"], "smallest": ["tol"]}
+
+
+def test_accuracy_arguments_are_checked():
+    with pytest.raises(InputError, match="rtol must lie in"):
+        Accuracy.of(None, 2.0, ("LA",))
+    with pytest.raises(InputError, match="not in which"):
+        Accuracy.of(None, {"SA": 0.1}, ("LA",))
+    with pytest.raises(InputError, match="tol must be positive"):
+        Accuracy.of(-1.0, None, ("LA",))
+    assert Accuracy.of(None, 0.01, ("LA", "SA")).rtol == {"LA": 0.01, "SA": 0.01}
+
+
+class ScaledOperator(DenseOperator):
+    """A dense operator whose products touch a fraction of the data (for fpe bookkeeping)."""
+
+    def __init__(self, H, fraction):
+        super().__init__(H)
+        self.data_fraction = fraction
+
+
+def test_fpe_weights_products_by_data_fraction_and_max_fpe_is_never_exceeded():
+    _, H, _ = reference("mlp")
+    op = ScaledOperator(H, 0.25)
+    res = lanczos(op, which="LA,SA", tol=1e-14, max_fpe=5.0, seed=0)
+    assert res.stop_reason == "max_fpe" and res.hvps == 20 and res.fpe == pytest.approx(5.0)
+    res = lanczos(DenseOperator(H), which="LA,SA", tol=1e-14, max_fpe=7.5, block=2, seed=0)
+    assert res.fpe <= 7.5 and res.hvps == 7
+    with pytest.raises(InputError, match="max_fpe"):
+        lanczos(DenseOperator(H), max_fpe=0)
+
+
+def test_runs_draw_fresh_seeds_and_report_them():
+    _, H, _ = reference("mlp")
+    a = lanczos(DenseOperator(H), which="LA", rtol=1e-4)
+    b = lanczos(DenseOperator(H), which="LA", rtol=1e-4)
+    assert a.seed != b.seed
+    again = lanczos(DenseOperator(H), which="LA", rtol=1e-4, seed=a.seed)
+    assert again.hvps == a.hvps and np.array_equal(again.largest.values, a.largest.values)
+
+
+def test_krylov_degree_is_the_dimension_the_ritz_values_come_from():
+    """KW's bound uses the dimension of K(A, v) behind the Ritz values: e after e products from one
+    random vector (not e + 1), ⌈(e − r)/b⌉ for the random column r of a width-b block."""
+    _, H, _ = reference("mlp")
+    for e in (1, 2, 7):
+        assert lanczos(DenseOperator(H), which="LA", tol=1e-15, max_hvps=e, seed=0).krylov_degree == e
+    block = np.random.default_rng(1).standard_normal((H.shape[0], 2))          # + a random column: width 3, r = 2
+    res = lanczos(DenseOperator(H), which="LA", tol=1e-15, max_hvps=9, v0=block, seed=0)
+    assert res.krylov_degree == math.ceil((9 - 2) / 3)
+
+
+def test_limits_cover_at_the_stated_confidence_on_a_hard_spectrum():
+    """A spectrum where Lanczos is slow (one eigenvalue 1 above a dense bulk on [0, 0.8]): over
+    many seeds, λ_max ≤ limit at least as often as the confidence says, with the limit's
+    Kuczyński–Woźniakowski epsilon taken at the run's Krylov degree."""
+    n = 400
+    lam = np.concatenate([[1.0], 0.8 * (1 - np.cos(np.pi * np.linspace(0, 1, n - 1))) / 2])
+    op = DenseOperator(np.diag(lam))
+    confidence, seeds, covered = 0.6, 300, 0
+    for seed in range(seeds):
+        res = lanczos(op, which="LA,SA", tol=1e-15, max_hvps=12, seed=seed, confidence=confidence,
+                      return_vectors=False)
+        assert res.krylov_degree == 12
+        covered += res.largest.limit >= 1.0 and res.smallest.limit <= 0.0
+    eps = kw_epsilon(n, 12, (1 - confidence) / 2)
+    assert eps < 0.5 and covered / seeds >= confidence
+
+
+class SkewOperator(DenseOperator):
+    """Products with a slightly non-symmetric matrix: what inexact products look like to Lanczos."""
+
+
+def test_thick_restart_keeps_the_skew_part_in_the_residuals():
+    """Residuals after thick restarts must bound the true ‖Ax − θx‖ even when A's products are
+    not exactly symmetric (the dropped skew part is carried as a bound)."""
+    H = trained_mlp_hessian()
+    S = np.random.default_rng(0).standard_normal(H.shape)
+    A = H + 1e-7 * np.abs(H).max() * (S - S.T)
+    res = lanczos(SkewOperator(A), which="LA,SA", k=2, tol=1e-9, max_basis=30, max_hvps=1500, seed=0)
+    assert res.restarts > 0
+    for p in res.pairs.values():
+        for x, theta, r in zip(p.vectors.T, p.values, p.residual_norms):
+            true = np.linalg.norm(A @ x - theta * x) / np.linalg.norm(x)
+            assert true <= r * (1 + 1e-6) + 1e-13 * np.abs(H).max(), (true, r)
+
+
+class WarmUpOperator(DenseOperator):
+    """The first product is slow (a CUDA start-up or a compilation), the rest fast."""
+
+    def _matmat(self, V):
+        time.sleep(0.6 if self.hvps == 0 else 0.01 * V.shape[1])
+        return super()._matmat(V)
+
+
+def test_budget_is_not_spent_by_a_warm_up_product():
+    _, H, _ = reference("mlp")
+    res = lanczos(WarmUpOperator(H), which="LA,SA", tol=1e-14, budget_s=1.0, seed=0)
+    assert res.stop_reason == "budget" and res.hvps > 5 and res.seconds <= 1.0 + 0.25
+
+
+@functools.lru_cache(maxsize=None)
+def float32_mlp():
+    model, H, _ = reference("mlp")
+    return model, H
+
+
+def test_inexact_products_are_confirmed_with_real_products():
+    """float32 products: the returned residuals are those of real products (two more, one per
+    returned pair, counted in hvps and fpe), and they bound the distance to the exact spectrum up
+    to the products' own float32 error."""
+    model, H = float32_mlp()
+    lam, _ = eigh(H)
+    op = CurvatureOperator(model, "cross_entropy", digits_subset(), dtype=torch.float32, batch_size=64)
+    assert not op.exact
+    res = lanczos(op, which="LA,SA", rtol=1e-3, seed=0)
+    assert res.confirm_hvps == 2 and res.hvps == op.hvps and res.fpe == op.fpe
+    for end, p in res.pairs.items():
+        x = p.vectors[:, 0]
+        true = np.linalg.norm(H @ x - p.values[0] * x)
+        assert abs(true - p.residual_norms[0]) <= 1e-5 * lam[-1]
+        assert abs(p.values[0] - exact_ith(lam, end, 1)[0]) <= p.residual_norms[0] + 1e-5 * lam[-1]
+
+
+# -- the subset path on a data set large enough for it (23,361 real digits images) ----------------
+@functools.lru_cache(maxsize=None)
+def shifted_problem():
+    """A small trained MLP on the shifted digits, its float64 operator and dense Hessian."""
+    x, y = digits_shifted()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Linear(6, 10)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+        opt.step()
+    H = dense_hessian(model, x.double(), y)
+    op = CurvatureOperator(model, "cross_entropy", (x, y), dtype=torch.float64, batch_size=8192)
+    return op, H
+
+
+def test_subset_path_certifies_full_data_values_and_counts_fpe_exactly():
+    op, H = shifted_problem()
+    lam, _ = eigh(H)
+    assert op.n_samples == 23_361 and subset_fraction(op.n_samples) == 0.05
+    answer = solve(op, which="LA,SA", rtol={"LA": 1e-3, "SA": 1e-2}, seed=0)
+    res, sub = answer.result, answer.subset
+    assert sub is not None and sub["n_samples"] == math.ceil(0.05 * 23_361)
+    assert sub["fpe"] == pytest.approx(sub["hvps"] * sub["n_samples"] / 23_361, rel=1e-12)
+    assert res.fpe == pytest.approx(sub["fpe"] + sub["full_fpe"]) and sub["full_fpe"] == sub["full_hvps"]
+    assert res.converged
+    for end, p in res.pairs.items():
+        truth = exact_ith(lam, end, 1)[0]
+        lo, hi = p.intervals[0]
+        assert lo - 1e-12 <= truth <= hi + 1e-12
+        assert abs(p.values[0] - truth) <= p.residual_norms[0]
+    # the subset said something else; the certified values are the full data's
+    assert sub["smallest"]["values"][0] != pytest.approx(lam[0], rel=1e-3)
+
+
+def test_subset_search_warm_started_within_its_limits_and_the_default_path_stays_warm():
+    op, H = shifted_problem()
+    lam, U = eigh(H)
+    previous = {"LA": U[:, -1:] + 1e-3, "SA": U[:, :1] + 1e-3}
+    answer = subset_search(op, which="LA,SA", rtol=1e-3, fraction=0.02, previous=previous, seed=1, max_fpe=20)
+    assert answer.subset["warm_start"] and answer.result.fpe <= 20
+    assert answer.result.stop_reason in ("converged", "max_fpe")
+    # with previous eigenvectors the default path starts from them on all the data: a subset's
+    # eigenvectors could only blur what they know
+    warm = solve(op, which="LA,SA", rtol=1e-3, previous=previous, seed=1)
+    cold = solve(op, which="LA,SA", rtol=1e-3, subset=None, seed=1)
+    assert warm.subset is None and warm.result.converged and warm.result.fpe < cold.result.fpe
+    assert abs(warm.result.smallest.values[0] - lam[0]) <= 1e-3 * abs(lam[0])
+    with pytest.raises(InputError, match="fraction"):
+        subset_search(op, fraction=1.0)
+
+
+def test_default_path_skips_the_subset_on_small_data():
+    """1,797 samples: 5% is 90 samples, and raising it to the minimum subset size would take
+    more than a quarter of the data — the plain solve runs."""
+    assert subset_fraction(1797) is None and subset_fraction(100_000) == 0.05
+    assert subset_fraction(15_000) == pytest.approx(1000 / 15_000) and subset_fraction(4000) == 0.25
+    _, H, _ = reference("mlp")
+    model, _, _ = reference("mlp")
+    op = CurvatureOperator(model, "cross_entropy", digits_subset(), dtype=torch.float64, batch_size=64)
+    answer = solve(op, which="LA,SA", rtol=1e-3, seed=0)
+    assert answer.subset is None and answer.result.fpe == answer.result.hvps
