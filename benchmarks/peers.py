@@ -143,7 +143,8 @@ def _hessdist_solve(op, true: tuple[float, float], cap: int, setup: float, worke
                    + (f", {workers} Ray workers (1 CPU each, gloo)" if workers else ", in-process")}
 
 
-def run_pyhessian(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
+def run_pyhessian(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable,
+                  tols: tuple[float, float] = (TOL_MAX, TOL_MIN)) -> dict:
     ph = importlib.import_module("pyhessian.hessian")   # the module (the package rebinds the name)
 
     model, (x, y) = copy.deepcopy(model).double(), data
@@ -178,7 +179,7 @@ def run_pyhessian(model: nn.Module, data: Data, true: tuple[float, float], cap: 
         steps = 2 * own.n
         while True:         # tol=0 never stops early: the same iterates, run on until the target
             _, counter, history = power(steps, 0.0)
-            mx = reached(history, true[0], TOL_MAX, counter.times, setup)
+            mx = reached(history, true[0], tols[0], counter.times, setup)
             if (mx["products"] and mx["products"] < steps) or steps >= cap:
                 break
             steps = min(2 * steps, cap)
@@ -208,7 +209,8 @@ def _tridiagonal_prefixes(td, tol: float) -> tuple[list, list, dict]:
     return hist_max, hist_min, flags
 
 
-def run_eigenthings(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable) -> dict:
+def run_eigenthings(model: nn.Module, data: Data, true: tuple[float, float], cap: int, check: Callable,
+                    tols: tuple[float, float] = (TOL_MAX, TOL_MIN)) -> dict:
     import hessian_eigenthings as he
 
     model, (x, y) = copy.deepcopy(model).double().eval(), data
@@ -230,8 +232,8 @@ def run_eigenthings(model: nn.Module, data: Data, true: tuple[float, float], cap
         v0 = torch.randn(op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         td = he.lanczos_tridiagonal(op, v0, steps, reorthogonalize=True)
         hist_max, hist_min, flags = _tridiagonal_prefixes(td, tol=1e-4)
-        mx = reached(hist_max, true[0], TOL_MAX, counter.times, setup)
-        mn = reached(hist_min, true[1], TOL_MIN, counter.times, setup)
+        mx = reached(hist_max, true[0], tols[0], counter.times, setup)
+        mn = reached(hist_min, true[1], tols[1], counter.times, setup)
         if (mx["products"] and mn["products"] and max(mx["products"], mn["products"]) < steps) \
                 or steps >= min(cap, op.size - 1):
             break

@@ -38,7 +38,7 @@ FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
 PROBLEMS = {   # name: (model factory, data, SGD epochs, learning rate)
     "shifted-digits-mlp": (lambda: digits_mlp(hidden=32), digits_shifted, 3, 0.05),
     "shifted-digits-cnn": (lambda: digits_cnn(width=8), digits_shifted, 2, 0.05),
-    "digits-cnn (1,797 samples)": (lambda: digits_cnn(width=8), digits, 4, 0.05),
+    "digits-cnn-1797": (lambda: digits_cnn(width=8), digits, 4, 0.05),
 }
 
 
@@ -110,7 +110,8 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
     model = factory()
     t0 = time.perf_counter()
     states = train_epochs(model, data, epochs, lr)
-    print(name, f"trained {epochs} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
+    settled = train_epochs(model, data, 1, lr / 100, seed=1)[0]     # one more at lr/100: a settled Hessian
+    print(name, f"trained {epochs + 1} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
     model.load_state_dict(states[-2])
     prev_ref = reference(model, data)
     model.load_state_dict(states[-1])
@@ -134,6 +135,17 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
     row["plain_warm"] = run_plain(op, ref, seeds, previous)
     row["subset_warm_5_percent"] = run_subset(op, ref, 0.05, seeds, previous)
     print(name, "warm", row["plain_warm"]["fpe"], "warm+subset", row["subset_warm_5_percent"]["fpe"], flush=True)
+    # late training: from these eigenvectors to the next, settled checkpoint
+    model.load_state_dict(settled)
+    settled_ref = reference(model, data)
+    settled_op = operator(model, data)
+    row["settled"] = {
+        "eigenvector_overlap": {w: float(abs(ref["vectors"][w][:, 0] @ settled_ref["vectors"][w][:, 0]))
+                                for w in ("LA", "SA")},
+        "plain_warm": run_plain(settled_op, settled_ref, seeds, ref["vectors"]),
+        "subset_warm_5_percent": run_subset(settled_op, settled_ref, 0.05, seeds, ref["vectors"])}
+    print(name, "settled: warm", row["settled"]["plain_warm"]["fpe"], "warm+subset",
+          row["settled"]["subset_warm_5_percent"]["fpe"], flush=True)
     return row
 
 

@@ -59,6 +59,13 @@ class ResNet(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
+def resnet_small_cifar(width: int = 4, blocks: tuple[int, ...] = (1, 1, 1), seed: int = 0) -> nn.Module:
+    """A narrow CIFAR-variant ResNet (one basic block per stage by default: 5,214 parameters at
+    width 4), for CPU runs of the per-epoch loop; ``width=64, blocks=(2, 2, 2, 2)`` is ResNet-18."""
+    torch.manual_seed(seed)
+    return ResNet(blocks=blocks, width=width)
+
+
 def resnet18_cifar(seed: int = 0) -> nn.Module:
     """ResNet-18, CIFAR variant: 11,173,962 parameters."""
     torch.manual_seed(seed)
