@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from hessdist.examples import digits, get_example, train_full_batch
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import digits_cnn
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -49,7 +49,7 @@ def ray_operator(model: torch.nn.Module, data, workers: int, **spec) -> Iterator
     workers and the cluster are shut down afterwards."""
     import ray
 
-    from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
+    from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup, connect
     connect(num_cpus=workers)
     group = WorkerGroup(OperatorSpec(model=lambda: model, data=lambda: data, **spec), workers)
     try:

@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from hessdist.dist.worker import free_port
+from hessdist.workers.worker import free_port
 
 from .common import merged_rows, ray_operator, trained_model, write
 

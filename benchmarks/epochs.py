@@ -36,7 +36,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 
 from hessdist.examples import cifar10, cifar10_dir, digits_images
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import resnet_small_cifar
 from hessdist.solvers.lanczos import lanczos
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from hessdist import service
-    from hessdist.dist import OperatorSpec, connect
+    from hessdist.workers import OperatorSpec, connect
 
     (x, y), data_note = load_data(args)
     blocks = tuple(int(b) for b in args.blocks.split(","))

@@ -16,7 +16,7 @@ import time
 import torch
 
 from hessdist.examples import cifar10, cifar10_dir
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import resnet18_cifar
 from hessdist.solvers.lanczos import lanczos
 

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import hessdist
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
 from .common import RESULTS, ray_operator, trained_model, write

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
 from .common import trained_model, write

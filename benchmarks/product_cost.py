@@ -18,7 +18,7 @@ import time
 import torch
 
 from hessdist.examples import cifar10, cifar10_dir
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import resnet18_cifar
 
 from .common import merged_rows, trained_model, write

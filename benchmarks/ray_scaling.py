@@ -5,6 +5,8 @@ through the driver."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -12,14 +14,13 @@ import ray
 import torch
 from torch import nn
 
-from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup, connect
+from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup, connect
 from hessdist.examples import cifar10
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import resnet18_cifar
-from hessdist.solvers.krylov import LocalKrylovBasis
-from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.lanczos import default_max_basis, lanczos
 
-from .common import write
+from .common import RESULTS, write
 
 
 def wide_mlp() -> nn.Module:
@@ -51,7 +52,7 @@ def product_times(model_fn, data_fn, batch_size: int, repeats: int) -> dict:
     for workers in (1, 2):
         group = WorkerGroup(OperatorSpec(model=model_fn, data=data_fn, batch_size=batch_size), workers)
         op = DistributedOperator(group)
-        basis = op.krylov_basis()
+        basis = op.krylov_basis(capacity=4)
         basis.add_start(v[:, 0])
         # worker-side product: one expand, the vector never leaves the workers
         out[f"ray_{workers}_worker_1_cpu_each_s"] = best_of(lambda: basis.expand(basis.size - 1), repeats)
@@ -60,31 +61,45 @@ def product_times(model_fn, data_fn, batch_size: int, repeats: int) -> dict:
     return out
 
 
-def step_overhead(steps: int) -> dict:
-    """Lanczos step time vs product time on the 10.2M-parameter model, one 2-CPU worker."""
-    torch.set_num_threads(2)
-    data_fn = lambda rank=0, world_size=1: cifar10(rank=rank, world_size=world_size, n_samples=64)  # noqa: E731
-    local = CurvatureOperator(wide_mlp(), "cross_entropy", data_fn(), batch_size=64)
-    v = np.random.default_rng(0).standard_normal((local.n, 1))
-    product = best_of(lambda: local.matmat(v), 3)
-    t = time.perf_counter()
-    lanczos(local, which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False)
-    in_process_step = (time.perf_counter() - t) / steps
+class KeepsBasis(DistributedOperator):
+    """The distributed operator, holding on to the last basis it made (to ask for its timings)."""
 
-    group = WorkerGroup(OperatorSpec(model=wide_mlp, data=data_fn, batch_size=64), 1, cpus_per_worker=2)
-    op = DistributedOperator(group)
-    t = time.perf_counter()
-    lanczos(op, which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False)
-    remote_step = (time.perf_counter() - t) / steps
-    t = time.perf_counter()
-    lanczos(LocalKrylovBasis(op), which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False)
-    shipped_step = (time.perf_counter() - t) / steps
-    group.shutdown()
-    return {"n_params": local.n, "steps": steps, "product_s": product,
-            "in_process_step_s": in_process_step, "ray_basis_on_workers_step_s": remote_step,
-            "ray_vectors_through_driver_step_s": shipped_step,
-            "overhead_basis_on_workers": (remote_step - in_process_step) / product,
-            "overhead_vectors_through_driver": (shipped_step - in_process_step) / product}
+    def krylov_basis(self, *args, **kw):
+        self.basis = super().krylov_basis(*args, **kw)
+        return self.basis
+
+
+def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...]) -> dict:
+    """The Lanczos step beyond the product on the 10.2M-parameter model with the basis sharded
+    over W workers (1 CPU thread each): the workers time their partial products and the whole
+    expand step; the driver adds its own share (calls, the projected eigenproblem). Also the
+    default basis capacity and the peak basis memory per worker."""
+    data_fn = lambda rank=0, world_size=1: cifar10(rank=rank, world_size=world_size, n_samples=samples)  # noqa: E731
+    rows = []
+    for workers in worker_counts:
+        group = WorkerGroup(OperatorSpec(model=wide_mlp, data=data_fn, batch_size=samples), workers,
+                            cpus_per_worker=2 / max(workers, 2))
+        try:
+            op = KeepsBasis(group)
+            t = time.perf_counter()
+            res = lanczos(op, which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False)
+            wall = time.perf_counter() - t
+            seconds = [s for s in group.run("basis_seconds", op.basis.id)]
+        finally:
+            group.shutdown()
+        product = max(s["product"] for s in seconds) / steps
+        worker_step = max(s["expand"] for s in seconds) / steps
+        rows.append({"workers": workers, "n_params": op.n, "n_samples": samples, "steps": res.hvps,
+                     "product_s": product, "worker_step_s": worker_step, "driver_step_s": wall / steps,
+                     "overhead_on_workers_s": worker_step - product,
+                     "overhead_with_driver_s": wall / steps - product,
+                     "overhead_fraction": (wall / steps - product) / product,
+                     "default_max_basis": default_max_basis(op.n, workers),
+                     "basis_peak_bytes_per_worker": res.basis_peak_bytes})
+        print(rows[-1], flush=True)
+    return {"note": f"{os.cpu_count()} CPU cores shared by all workers: with more workers than cores they "
+                    "run oversubscribed, so product times grow; the overhead is what the step adds",
+            "rows": rows}
 
 
 def main(argv=None) -> None:
@@ -92,15 +107,22 @@ def main(argv=None) -> None:
     ap.add_argument("--resnet-samples", type=int, default=256,
                     help="CIFAR-shaped images for the ResNet-18 timing (the issue's 2,000 take ~5 min a product on 2 CPU cores)")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--samples", type=int, default=256, help="images for the 10.2M-parameter product")
+    ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", choices=("resnet", "step"), help="rerun one part, keep the other's numbers")
     args = ap.parse_args(argv)
-    connect(None, num_cpus=2)
-    payload = {"resnet18_cifar_shaped": product_times(
-        resnet18_cifar, lambda rank=0, world_size=1: cifar_subset(rank, world_size, args.resnet_samples),
-        64, args.repeats)}
-    print(payload)
-    payload["step_overhead_10M_params"] = step_overhead(args.steps)
-    print(payload)
+    connect(None, num_cpus=max(2, *map(int, args.workers.split(","))))
+    old = os.path.join(RESULTS, "ray_scaling.json")
+    payload = {k: v for k, v in json.load(open(old)).items() if k != "machine"} if args.only and os.path.exists(old) else {}
+    if args.only != "step":
+        payload["resnet18_cifar_shaped"] = product_times(
+            resnet18_cifar, lambda rank=0, world_size=1: cifar_subset(rank, world_size, args.resnet_samples),
+            64, args.repeats)
+    if args.only != "resnet":
+        payload.pop("step_overhead_10M_params", None)
+        payload["sharded_step_10M_params"] = step_overhead(args.steps, args.samples,
+                                                           tuple(map(int, args.workers.split(","))))
     write("ray_scaling", payload)
     ray.shutdown()
 

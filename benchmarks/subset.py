@@ -21,11 +21,10 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from hessdist.examples import digits, digits_shifted
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import digits_cnn, digits_mlp
 from hessdist.solvers.certify import DEFAULT_FRACTION, MIN_SUBSET_SAMPLES, angles, subset_fraction, subset_search
 from hessdist.solvers.lanczos import lanczos, warm_start_vector

@@ -18,7 +18,7 @@ from scipy.sparse.linalg import LinearOperator, lobpcg
 from torch import nn
 
 from hessdist.examples import cifar10, digits
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.models import ResNet, digits_cnn
 from hessdist.solvers.lanczos import lanczos, warm_start_vector
 

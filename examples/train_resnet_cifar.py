@@ -21,7 +21,7 @@ import torch
 
 import hessdist
 from hessdist import service
-from hessdist.dist import OperatorSpec, connect
+from hessdist.workers import OperatorSpec, connect
 from hessdist.examples import cifar10, cifar10_dir
 from hessdist.hooks import SpectrumHook
 from hessdist.models import ResNet

@@ -6,7 +6,7 @@ in-process or on a Ray cluster of GPU workers.
     res.largest.values, res.smallest.values
 """
 from .errors import HessdistError, InputError, NonDeterministicError, NonFiniteError, WorkerError
-from .hvp import CurvatureOperator
+from .curvature import CurvatureOperator
 from .operator import Operator
 from .params import ParameterLayout
 from .solvers.lanczos import lanczos

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
+from .basis import KrylovBasis, LocalKrylovBasis
 from .errors import InputError
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
-
-    from .solvers.krylov import KrylovBasis
 
 Array = Union[np.ndarray, torch.Tensor]
 
@@ -37,6 +36,8 @@ class Operator(ABC):
     exact: bool = True
     #: samples the products average over (operators without data: 0)
     n_samples: int = 0
+    #: processes that each hold a slice of a Krylov basis over this operator
+    basis_shards: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,7 +93,7 @@ class Operator(ABC):
         that is then certified on the full data). Operators that own no data cannot."""
         raise InputError(f"{type(self).__name__} has no data to take a subset of")
 
-    def krylov_basis(self) -> "KrylovBasis":
-        """A fresh Krylov basis over this operator, held where the products are computed."""
-        from .solvers.krylov import LocalKrylovBasis
-        return LocalKrylovBasis(self)
+    def krylov_basis(self, capacity: int, dtype: torch.dtype = torch.float64) -> KrylovBasis:
+        """A fresh Krylov basis of at most ``capacity`` vectors over this operator, held where the
+        products are computed."""
+        return LocalKrylovBasis(self, capacity, dtype)

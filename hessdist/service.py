@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from .dist import DistributedOperator, OperatorSpec, WorkerGroup
+from .workers import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, WorkerError
 from .solvers.certify import solve
 from .solvers.lanczos import draw_seed
@@ -203,7 +203,7 @@ def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_wo
 def connect(name: str, address: str | None = "auto") -> "ServiceHandle":
     """A handle on the running service ``name``, from any driver on the cluster."""
     if not ray.is_initialized():
-        from .dist import connect as connect_cluster
+        from .workers import connect as connect_cluster
         connect_cluster(address)
     try:
         return ServiceHandle(name, ray.get_actor(name, namespace=NAMESPACE))

@@ -11,7 +11,7 @@ import torch
 
 from hessdist.errors import InputError
 from hessdist.examples import digits_shifted
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.certify import solve, subset_fraction, subset_search
 from hessdist.solvers.lanczos import lanczos
 from hessdist.solvers.ritz import Accuracy, kw_epsilon

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hessdist.errors import InputError
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
 from .helpers import MODELS, dense_hessian, digits_subset, reference, trained_digits_mlp

@@ -84,16 +84,24 @@ def test_service_lifecycle(cluster, tmp_path):
 
     # a second driver: three submits at different parameters, results in order, status meanwhile
     got = driver(cluster, TRAINER + """
-futures = [h.submit(nudged(s), step=s, tol=1e-6, compare_cold=(s == 2)) for s in (0, 1, 2)]
+futures = [h.submit(nudged(s), step=s, rtol={"LA": 1e-5, "SA": 1e-3}, compare_cold=(s == 2)) for s in (0, 1, 2)]
 during = h.status()
 results = [h.result(f) for f in futures]
 print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"] for r in results],
-                  "hvps": [r["hvps"] for r in results], "cold": results[2].get("cold_hvps"),
+                  "hvps": [r["hvps"] for r in results], "fpe": [r["fpe"] for r in results],
+                  "cold": results[2].get("cold_hvps"), "fpe_saved": results[2].get("fpe_saved"),
+                  "met": [r["met"] for r in results], "widths": [r["relative_widths"] for r in results],
+                  "subset": [r["subset"] for r in results],
                   "during": during, "largest": results[0]["largest"], "n": len(h.history())}))
 """)
     assert got["steps"] == [0, 1, 2] and got["warm"] == [False, True, True] and got["n"] == 3
     assert got["during"]["running"] is not None or got["during"]["queued"]
-    assert got["hvps"][2] < got["cold"]                      # warm start saves products
+    assert got["hvps"][2] < got["cold"] and got["fpe_saved"] > 0      # warm start saves full-data work
+    # 1,797 samples: too few for a 5% subset to pay, so every product is a full-data one
+    assert got["subset"] == [None] * 3 and got["fpe"] == got["hvps"]
+    for met, widths in zip(got["met"], got["widths"]):            # each end to its own relative accuracy
+        assert met == {"largest": ["rtol"], "smallest": ["rtol"]}
+        assert widths["largest"][0] <= 1e-5 and widths["smallest"][0] <= 1e-3
     lines = (out_dir / "history.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]
     assert sorted(os.listdir(out_dir / "vectors")) == ["step-0.pt", "step-1.pt", "step-2.pt"]

@@ -9,7 +9,7 @@ import torch
 
 from hessdist.directions import curvature_along, line_scan
 from hessdist.errors import InputError
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.certify import subset_search
 from hessdist.solvers.ritz import rayleigh_ritz
 from hessdist.solvers.lanczos import lanczos

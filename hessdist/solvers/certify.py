@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
 import numpy as np
@@ -112,7 +112,10 @@ def subset_search(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA
     result = EigenResult(pairs=pairs, hvps=found.hvps + full.hvps, fpe=found.fpe + full.fpe,
                          seconds=time.perf_counter() - t0, stop_reason=full.stop_reason,
                          confidence=full.confidence, restarts=found.restarts + full.restarts, krylov_degree=None,
-                         seed=found.seed, accuracy=full.accuracy, confirm_hvps=full.confirm_hvps)
+                         seed=found.seed, accuracy=full.accuracy, confirm_hvps=full.confirm_hvps,
+                         recoveries=found.recoveries + full.recoveries,
+                         products_redone=found.products_redone + full.products_redone,
+                         basis_peak_bytes=max(found.basis_peak_bytes, full.basis_peak_bytes))
     return Answer(result=result, subset=search)
 
 

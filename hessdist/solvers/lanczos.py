@@ -27,10 +27,11 @@ import time
 from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
+import torch
 
-from ..errors import InputError
+from ..basis import BasisLost, KrylovBasis
+from ..errors import InputError, WorkerError
 from ..operator import Operator
-from .krylov import KrylovBasis
 from .results import EigenPairs, EigenResult
 from .ritz import Accuracy, Rtol, end_pairs, kw_epsilon, parse_which, rayleigh_ritz, select
 
@@ -133,11 +134,68 @@ class Limits:
         return count, None
 
 
-def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]] = ("LA", "SA"),
+class _Run:
+    """One Krylov run on one basis: the projected coefficients C, the Ritz state, and what the
+    probabilistic limit needs. A lost basis ends it (``BasisLost``); the caller starts another
+    from the last checkpointed Ritz vectors."""
+
+    def __init__(self, basis: KrylovBasis, starts: np.ndarray, random_col: int | None, rng: np.random.Generator,
+                 max_basis: int, width: int, size: int):
+        self.basis, self.rng, self.max_basis, self.width = basis, rng, max_basis, width
+        added = [basis.add_start(c) for c in starts.T]
+        if not any(added):
+            raise InputError("v0 must be a non-zero vector (or block)")
+        self.random_col = None if random_col is None or not added[random_col] else sum(
+            1 for a in added[:random_col] if a)
+        self.start_width = basis.size
+        self.C = np.zeros((size, size))
+        self.e, self.restarts, self.dropped = 0, 0, 0.0
+        self.degree = None if self.random_col is None else 0     # Krylov dimension reached by the random column
+        self.hi, self.lo = -math.inf, math.inf                      # most extreme Ritz values seen
+        self.ritz: RitzState | None = None
+
+    def step(self, limits: "Limits", hvps: int, fpe: float, ends: tuple[str, ...], k: int,
+             accuracy: Accuracy) -> tuple[int, str | None]:
+        """Expand one block; returns (products, stop reason or None)."""
+        basis, n = self.basis, self.basis.n
+        if self.e == basis.size:       # breakdown: invariant subspace found; continue in a fresh direction
+            self.degree = n if self.degree is not None and self.restarts == 0 else self.degree  # holds K(A, v)
+            if basis.size >= n or basis.add_start(self.rng.standard_normal(n)) == 0.0:
+                return 0, "exhausted"
+        count, stop = limits.allow(min(self.width, basis.size - self.e), hvps, fpe)
+        if stop:
+            return 0, stop
+        if basis.size + count > self.max_basis and self.max_basis < n and self.ritz is not None:
+            room = (self.max_basis - (basis.size - self.e) - self.width) // 2
+            self.e, lost = _thick_restart(basis, self.C, self.ritz, self.e, ends, k, accuracy, room)
+            self.dropped += lost
+            self.restarts += 1
+            count = min(count, basis.size - self.e)
+        t_step = time.perf_counter()
+        cols = basis.expand(self.e, count)
+        limits.record(time.perf_counter() - t_step, count)
+        for i, col in enumerate(cols):
+            self.C[: len(col), self.e + i] = col
+        self.e += count
+        if self.degree is not None and self.restarts == 0 and self.degree < n:
+            rc = self.random_col
+            self.degree = -(-(self.e - rc) // self.start_width) if self.e > rc else 0
+        self.ritz = RitzState(self.C, self.e, basis.size, self.dropped)
+        self.hi, self.lo = max(self.hi, float(self.ritz.theta[-1])), min(self.lo, float(self.ritz.theta[0]))
+        return count, None
+
+
+def default_max_basis(n: int, shards: int = 1, dtype: torch.dtype = torch.float64) -> int:
+    """Basis vectors that fill ``BASIS_BYTES`` (4 GiB) per process holding 1/shards of each."""
+    return min(n, BASIS_BYTES // (-(-n // shards) * torch.finfo(dtype).bits // 8))
+
+
+def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
             k: int = 1, tol: float | None = None, rtol: Rtol = None, max_hvps: int | None = None,
             max_fpe: float | None = None, budget_s: float | None = None, v0: np.ndarray | None = None,
-            block: int | None = None, max_basis: int | None = None, seed: int | None = None,
-            confidence: float = 0.999, return_vectors: bool = True, callback: Progress | None = None) -> EigenResult:
+            block: int | None = None, max_basis: int | None = None, basis_dtype: torch.dtype = torch.float64,
+            seed: int | None = None, confidence: float = 0.999, return_vectors: bool = True,
+            checkpoint_every: int = 10, max_recoveries: int = 3, callback: Progress | None = None) -> EigenResult:
     """The k extreme eigenpairs at each end in ``which`` (``LA`` largest, ``SA`` smallest,
     ``LM`` largest magnitude) of a symmetric operator, from ONE Krylov run.
 
@@ -147,15 +205,20 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
     (warm start; a random column is appended). ``block``: columns per product call (default:
     the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
-    later search stays orthogonal to found outliers). Stops when every requested pair is done,
-    at ``max_hvps`` products or ``max_fpe`` full-data product equivalents (never exceeded), or
-    before a block would overrun ``budget_s`` seconds; the result says which, and flags every
-    pair that is not done. ``seed`` (default: drawn fresh and reported) fixes the random start.
-    ``callback`` receives a progress dict after each block."""
+    later search stays orthogonal to found outliers); the default fills 4 GiB per process that
+    holds a part of the basis. ``basis_dtype``: float64 (default) or float32 (twice the vectors
+    in the same memory; its rounding, ~1e-7, is invisible to the projection, so the returned
+    pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
+    the target says so: ``stop_reason="precision"``).
+    Stops when every requested pair is done, at ``max_hvps`` products or ``max_fpe`` full-data
+    product equivalents (never exceeded), or before a block would overrun ``budget_s`` seconds;
+    the result says which, and flags every pair that is not done. ``seed`` (default: drawn
+    fresh and reported) fixes the random start. When the basis lives on workers that can be
+    lost, the wanted Ritz vectors are checkpointed every ``checkpoint_every`` blocks and a lost
+    basis is rebuilt from them (at most ``max_recoveries`` times; the result reports the
+    products redone). ``callback`` receives a progress dict after each block."""
     t0 = time.perf_counter()
-    basis = op.krylov_basis() if isinstance(op, Operator) else op
-    operator = basis.op
-    n = basis.n
+    n = op.n
     ends = parse_which(which)
     accuracy = Accuracy.of(tol, rtol, ends)
     if not isinstance(k, (int, np.integer)) or k < 1 or k > n:
@@ -174,68 +237,60 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
     starts, random_col = start_block(v0, n, block or 1, rng)
     width = block or starts.shape[1]
     min_basis = (k + 1) * len(ends) + starts.shape[1] + width
-    if max_basis is None:         # default: a 4 GiB float64 basis, restarting only when that fills
-        max_basis = min(n, max(2 * min_basis, BASIS_BYTES // (8 * n)))
+    if max_basis is None:
+        max_basis = max(min(n, 2 * min_basis), default_max_basis(n, op.basis_shards, basis_dtype))
     elif max_basis < min(n, min_basis):
         raise InputError(f"max_basis must be at least {min_basis} for k = {k}, {len(ends)} end(s) and "
                          f"block {width}, got {max_basis}")
-    hvps0, fpe0 = operator.hvps, operator.fpe
-    limits = Limits(max_hvps, max_fpe, budget_s, operator.data_fraction, warm=hvps0 > 0, t0=t0,
-                    reserve=0 if operator.exact else k * len(ends))
-    added = [basis.add_start(c) for c in starts.T]
-    if not any(added):
-        raise InputError("v0 must be a non-zero vector (or block)")
-    random_col = None if random_col is None or not added[random_col] else sum(
-        1 for a in added[:random_col] if a)
-    start_width = basis.size
-
+    hvps0, fpe0 = op.hvps, op.fpe
+    exact = op.exact and basis_dtype == torch.float64     # else the projection cannot see the rounding
+    limits = Limits(max_hvps, max_fpe, budget_s, op.data_fraction, warm=hvps0 > 0, t0=t0,
+                    reserve=0 if exact else k * len(ends))
     size = min(max_basis, max_hvps + starts.shape[1]) + width + 1
-    C = np.zeros((size, size))
-    e, hvps, reason, restarts, dropped = 0, 0, "max_hvps", 0, 0.0
-    degree = None if random_col is None else 0          # Krylov dimension reached by the random column
-    hi, lo = -math.inf, math.inf                         # most extreme Ritz values seen
-    ritz = None
+    hvps, reason, recoveries, redone, peak = 0, "max_hvps", 0, 0, 0
+    checkpoint, checkpoint_hvps, blocks = None, 0, 0
     while True:
-        if e == basis.size:       # breakdown: invariant subspace found; continue in a fresh direction
-            degree = n if degree is not None and restarts == 0 else degree   # holds K(A, v) whole
-            if basis.size >= n or basis.add_start(rng.standard_normal(n)) == 0.0:
-                reason = "exhausted"
-                break
-        count, stop = limits.allow(min(width, basis.size - e), hvps, operator.fpe - fpe0)
-        if stop:
-            reason = stop
+        run = _Run(op.krylov_basis(capacity=max_basis, dtype=basis_dtype), starts, random_col, rng, max_basis,
+                   width, size)
+        try:
+            while True:
+                count, stop = run.step(limits, hvps, op.fpe - fpe0, ends, k, accuracy)
+                if stop:
+                    reason = stop
+                    break
+                hvps, blocks, ritz = hvps + count, blocks + 1, run.ritz
+                picked = {w: select(ritz.theta, w, k) for w in ends}
+                if callback is not None:
+                    callback({"hvps": hvps, "fpe": op.fpe - fpe0, "seconds": time.perf_counter() - t0,
+                              **{w: (ritz.theta[idx], ritz.residuals[idx]) for w, idx in picked.items()}})
+                if run.e >= min(n, k * len(ends)) and all(
+                        idx.size == k and bool((accuracy.met(w, ritz.theta[idx], ritz.residuals[idx], ritz.scale)
+                                                != "").all()) for w, idx in picked.items()):
+                    reason = "converged"
+                    break
+                if run.basis.volatile and blocks % checkpoint_every == 0:
+                    idx = np.concatenate(list(picked.values()))
+                    checkpoint, checkpoint_hvps = run.basis.combine(ritz.Y[:, idx]), hvps
+            peak = max(peak, run.basis.peak_bytes)
             break
-        if basis.size + count > max_basis and max_basis < n and ritz is not None:
-            e, lost = _thick_restart(basis, C, ritz, e, ends, k, accuracy, (max_basis - (basis.size - e) - width) // 2)
-            dropped += lost
-            restarts += 1
-            count = min(count, basis.size - e)
-        t_step = time.perf_counter()
-        cols = basis.expand(e, count)
-        limits.record(time.perf_counter() - t_step, count)
-        for i, col in enumerate(cols):
-            C[: len(col), e + i] = col
-        e, hvps = e + count, hvps + count
-        if degree is not None and restarts == 0 and degree < n:
-            degree = -(-(e - random_col) // start_width) if e > random_col else 0
-        ritz = RitzState(C, e, basis.size, dropped)
-        hi, lo = max(hi, float(ritz.theta[-1])), min(lo, float(ritz.theta[0]))
-        picked = {w: select(ritz.theta, w, k) for w in ends}
-        if callback is not None:
-            callback({"hvps": hvps, "fpe": operator.fpe - fpe0, "seconds": time.perf_counter() - t0,
-                      **{w: (ritz.theta[idx], ritz.residuals[idx]) for w, idx in picked.items()}})
-        if e >= min(n, k * len(ends)) and all(
-                idx.size == k and bool((accuracy.met(w, ritz.theta[idx], ritz.residuals[idx], ritz.scale) != "").all())
-                for w, idx in picked.items()):
-            reason = "converged"
-            break
+        except BasisLost as exc:
+            if recoveries >= max_recoveries:
+                raise WorkerError(f"the Krylov basis was lost {recoveries + 1} times ({exc}); giving up") from exc
+            recoveries += 1
+            redone += hvps - checkpoint_hvps
+            peak = max(peak, run.basis.peak_bytes)
+            # continue from the checkpointed Ritz vectors (or afresh when there is none yet)
+            starts = warm_start_vector({"checkpoint": checkpoint}, n, int(rng.integers(2**62)))[:, None] \
+                if checkpoint is not None else rng.standard_normal((n, width))
+            random_col = None if checkpoint is not None else 0
 
+    ritz, basis = run.ritz, run.basis
     if ritz is None:
         raise InputError(f"no product fits the limits (budget_s={budget_s}, max_hvps={max_hvps}, max_fpe={max_fpe})")
     delta = (1 - confidence) / 2
-    eps = kw_epsilon(n, degree, delta) if degree is not None else math.inf
-    reach = eps * (hi - lo) / (1 - 2 * eps) if eps < 0.5 else math.inf
-    limit = {w: ({"LA": hi + reach, "SA": lo - reach}.get(w) if math.isfinite(reach) else None) for w in ends}
+    eps = kw_epsilon(n, run.degree, delta) if run.degree is not None else math.inf
+    reach = eps * (run.hi - run.lo) / (1 - 2 * eps) if eps < 0.5 else math.inf
+    limit = {w: ({"LA": run.hi + reach, "SA": run.lo - reach}.get(w) if math.isfinite(reach) else None) for w in ends}
     picked = {w: select(ritz.theta, w, k) for w in ends}
     confirm = limits.reserve > 0
     pairs = {w: end_pairs(w, ritz.theta, ritz.residuals, idx, accuracy, ritz.scale, limit[w],
@@ -243,13 +298,14 @@ def lanczos(op: Union[Operator, KrylovBasis], *, which: Union[str, Sequence[str]
              for w, idx in picked.items()}
     confirm_hvps = 0
     if confirm:                   # residuals from real products: the projection cannot see their error
-        pairs, confirm_hvps = _confirm(operator, pairs, ends, k, accuracy, limit, return_vectors)
+        pairs, confirm_hvps = _confirm(op, pairs, ends, k, accuracy, limit, return_vectors)
         if reason == "converged" and not all(p.converged.all() for p in pairs.values()):
             reason = "precision"
-    return EigenResult(pairs=pairs, hvps=hvps + confirm_hvps, fpe=operator.fpe - fpe0,
+    return EigenResult(pairs=pairs, hvps=hvps + confirm_hvps, fpe=op.fpe - fpe0,
                        seconds=time.perf_counter() - t0, stop_reason=reason, confidence=confidence,
-                       restarts=restarts, krylov_degree=degree, seed=seed, accuracy=accuracy.to_dict(),
-                       confirm_hvps=confirm_hvps, projected=C[: basis.size, :e].copy())
+                       restarts=run.restarts, krylov_degree=run.degree, seed=seed, accuracy=accuracy.to_dict(),
+                       confirm_hvps=confirm_hvps, recoveries=recoveries, products_redone=redone,
+                       basis_peak_bytes=peak, projected=run.C[: basis.size, :run.e].copy())
 
 
 def _confirm(op: Operator, pairs: dict[str, EigenPairs], ends: tuple[str, ...], k: int, accuracy: Accuracy,

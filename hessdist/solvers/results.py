@@ -52,7 +52,9 @@ class EigenResult:
     stopped growing: the pairs are exact for the subspace reached), ``certified`` (a
     Rayleigh–Ritz check) or ``precision`` (the residuals confirmed with real products miss the
     accuracy the projection reported: the products' precision limits the answer). ``seed`` is the
-    random seed the run drew (pass it back to repeat the run)."""
+    random seed the run drew (pass it back to repeat the run). ``recoveries``: times a basis on
+    lost workers was rebuilt from the last checkpoint, with ``products_redone`` products lost;
+    ``basis_peak_bytes``: the most memory the basis took per process holding a part of it."""
 
     pairs: dict[str, EigenPairs]
     hvps: int
@@ -65,6 +67,9 @@ class EigenResult:
     seed: int | None = None
     accuracy: dict = field(default_factory=dict)
     confirm_hvps: int = 0
+    recoveries: int = 0
+    products_redone: int = 0
+    basis_peak_bytes: int = 0
     projected: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
 
     @property
@@ -95,5 +100,6 @@ class EigenResult:
         out.update(converged=self.converged, stop_reason=self.stop_reason, hvps=self.hvps, fpe=self.fpe,
                    seconds=self.seconds, confidence=self.confidence, restarts=self.restarts,
                    krylov_degree=self.krylov_degree, seed=self.seed, accuracy=self.accuracy,
-                   confirm_hvps=self.confirm_hvps)
+                   confirm_hvps=self.confirm_hvps, recoveries=self.recoveries, products_redone=self.products_redone,
+                   basis_peak_bytes=self.basis_peak_bytes)
         return out

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 from scipy import stats
 
 from ..errors import InputError
+from ..basis import BasisLost, KrylovBasis
 from ..operator import Operator
-from .lanczos import draw_seed
+from .lanczos import BASIS_BYTES, draw_seed
 
 Progress = Callable[[dict], None]
 
@@ -59,6 +61,8 @@ class SpectralDensity:
     seconds: float
     fpe: float = 0.0
     seed: int | None = None
+    basis_peak_bytes: int = 0
+    products_redone: int = 0
 
     @property
     def support(self) -> tuple[float, float]:
@@ -116,35 +120,68 @@ class SpectralDensity:
                                confidence=confidence, probe_std_error=std_error, boundary_mass=boundary)
 
 
-def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int | None = None,
-        callback: Progress | None = None) -> SpectralDensity:
-    """``probes`` Lanczos runs of ``steps`` products each from random Rademacher probes (fully
-    re-orthogonalised, on the operator's Krylov basis); a run that finds an invariant subspace
-    stops early with an exact rule. ``seed``: drawn fresh when None, and reported."""
+def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int | None = None, max_basis: int | None = None,
+        basis_dtype: torch.dtype = torch.float64, callback: Progress | None = None) -> SpectralDensity:
+    """``probes`` Lanczos runs of ``steps`` products each from random Rademacher probes, on the
+    operator's Krylov basis; a run that finds an invariant subspace stops early with an exact
+    rule. Each new vector is re-orthogonalised against the last ``max_basis`` ones (default:
+    all of them, up to 4 GiB per process holding a part of the basis), so memory stays bounded
+    by that option whatever ``steps`` is; beyond it the rule loses some accuracy to lost
+    orthogonality (a window of a few tens of vectors is usual for densities). A probe whose
+    basis was lost with a worker is redone. ``seed``: drawn fresh when None, and reported."""
     if probes < 1 or steps < 1:
         raise InputError(f"probes and steps must be positive, got probes={probes}, steps={steps}")
     steps = min(steps, op.n)
+    share = -(-op.n // op.basis_shards) * torch.finfo(basis_dtype).bits // 8
+    window = min(steps + 1, max(3, BASIS_BYTES // share)) if max_basis is None else int(max_basis)
+    if window < 3:
+        raise InputError(f"max_basis must be at least 3 (the three-term recurrence), got {max_basis}")
     seed = draw_seed(seed)
     rng = np.random.default_rng(seed)
-    t0, hvps, fpe0 = time.perf_counter(), 0, op.fpe
+    t0, hvps, fpe0, redone, peak = time.perf_counter(), 0, op.fpe, 0, 0
     nodes, weights, residuals, tridiagonals = [], [], [], []
-    for p in range(probes):
-        basis = op.krylov_basis()
-        basis.add_start(rng.choice([-1.0, 1.0], size=op.n))
-        C = np.zeros((steps + 1, steps))
-        m = 0
-        while m < steps and basis.size > m:
-            col = basis.expand(m)[0]
-            C[: len(col), m] = col
-            m, hvps = m + 1, hvps + 1
-        T = (C[:m, :m] + C[:m, :m].T) / 2
+    p = 0
+    while p < probes:
+        probe = rng.choice([-1.0, 1.0], size=op.n)
+        basis, before = op.krylov_basis(capacity=window, dtype=basis_dtype), op.hvps
+        try:
+            alpha, beta = _lanczos_coefficients(basis, probe, steps)
+        except BasisLost:                    # the workers holding it were lost: redo this probe
+            redone += op.hvps - before
+            continue
+        finally:
+            peak = max(peak, basis.peak_bytes)
+        hvps += len(alpha)
+        m = len(alpha)
+        T = np.diag(alpha) + np.diag(beta[:m - 1], 1) + np.diag(beta[:m - 1], -1)
         theta, Y = np.linalg.eigh(T)
         nodes.append(theta)
         weights.append(Y[0] ** 2)
-        residuals.append(np.abs(C[m, m - 1] * Y[m - 1]) if basis.size > m else np.zeros(m))
+        residuals.append(np.abs(beta[m - 1] * Y[m - 1]))
         tridiagonals.append(T)
+        p += 1
         if callback is not None:
-            callback({"probe": p + 1, "probes": probes, "hvps": hvps, "seconds": time.perf_counter() - t0})
+            callback({"probe": p, "probes": probes, "hvps": hvps, "seconds": time.perf_counter() - t0})
     return SpectralDensity(n=op.n, nodes=nodes, weights=weights, node_residuals=residuals,
                            tridiagonals=tridiagonals, hvps=hvps, seconds=time.perf_counter() - t0,
-                           fpe=op.fpe - fpe0, seed=seed)
+                           fpe=op.fpe - fpe0, seed=seed, basis_peak_bytes=peak, products_redone=redone)
+
+
+def _lanczos_coefficients(basis: KrylovBasis, start: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """α₀…α_{m−1} and β₁…β_m of up to ``steps`` Lanczos steps from ``start`` (β_m = 0 when an
+    invariant subspace was found), keeping at most the basis's capacity of vectors: the oldest
+    is dropped when it is full."""
+    basis.add_start(start)
+    alpha, beta, dropped = [], [], 0
+    capacity = basis.capacity
+    for m in range(steps):
+        if basis.size == capacity:          # keep the newest vectors: drop q_dropped
+            e = basis.size - 1
+            basis.compress(np.eye(e)[:, 1:], e)
+            dropped += 1
+        col = basis.expand(m - dropped)[0]
+        alpha.append(col[m - dropped])
+        beta.append(col[-1])
+        if col[-1] == 0.0:
+            break
+    return np.array(alpha), np.array(beta)

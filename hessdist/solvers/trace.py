@@ -17,7 +17,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..operator import Operator
-from .lanczos import draw_seed
+from .lanczos import BASIS_BYTES, draw_seed
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,16 @@ def _rademacher(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.choice([-1.0, 1.0], size=(n, k))
 
 
-def _quadratic_forms(op: Operator, Z: np.ndarray, block: int) -> np.ndarray:
-    """zᵢᵀ A zᵢ for the columns of Z, ``block`` columns per product call."""
+def _quadratic_forms(op: Operator, rng: np.random.Generator, count: int, block: int,
+                     deflate: np.ndarray | None = None) -> np.ndarray:
+    """zᵢᵀ A zᵢ for ``count`` Rademacher probes (projected off ``deflate``'s orthonormal columns
+    when given), drawn ``block`` at a time: memory n × block, whatever ``count`` is."""
     out = []
-    for j in range(0, Z.shape[1], block):
-        Zb = Z[:, j:j + block]
-        out.append(np.sum(Zb * np.asarray(op.matmat(Zb)), axis=0))
+    for j in range(0, count, block):
+        Z = _rademacher(rng, op.n, min(block, count - j))
+        if deflate is not None:
+            Z -= deflate @ (deflate.T @ Z)
+        out.append(np.sum(Z * np.asarray(op.matmat(Z)), axis=0))
     return np.concatenate(out)
 
 
@@ -74,28 +78,35 @@ def _check(hvps: int, minimum: int, confidence: float) -> None:
 
 def hutchinson(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None = None,
                confidence: float = 0.95) -> TraceEstimate:
-    """tr(A) from ``hvps`` Rademacher probes (``seed``: drawn fresh when None, and reported)."""
+    """tr(A) from ``hvps`` Rademacher probes, drawn ``block`` at a time (memory n × block;
+    ``seed``: drawn fresh when None, and reported)."""
     _check(hvps, 2, confidence)
     seed = draw_seed(seed)
     t0, rng, fpe0 = time.perf_counter(), np.random.default_rng(seed), op.fpe
-    samples = _quadratic_forms(op, _rademacher(rng, op.n, hvps), block)
+    samples = _quadratic_forms(op, rng, hvps, block)
     return _estimate("hutchinson", 0.0, samples, confidence, hvps, t0, op.fpe - fpe0, seed)
 
 
 def hutchpp(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None = None,
-            confidence: float = 0.95) -> TraceEstimate:
+            confidence: float = 0.95, max_bytes: int = BASIS_BYTES) -> TraceEstimate:
     """tr(A) by Hutch++ with ``hvps`` products: a third sketch A's range, a third give the exact
-    trace on it, a third estimate the rest (``seed``: drawn fresh when None, and reported)."""
+    trace on it, a third estimate the rest (``seed``: drawn fresh when None, and reported). The
+    sketch and its orthonormal basis take 2 · n · hvps/3 floats, refused beyond ``max_bytes``
+    (use fewer products or Hutchinson); every other probe is drawn ``block`` at a time."""
     _check(hvps, 6, confidence)
+    s = hvps // 3
+    if 2 * op.n * s * 8 > max_bytes:
+        raise InputError(f"Hutch++'s sketch of {s} vectors of n = {op.n:,} takes {2 * op.n * s * 8 / 2**30:.1f} GiB, "
+                         f"over max_bytes = {max_bytes / 2**30:.1f} GiB: use fewer --hvps, raise max_bytes, or "
+                         "--method hutchinson (memory n × block)")
     seed = draw_seed(seed)
     t0, rng, fpe0 = time.perf_counter(), np.random.default_rng(seed), op.fpe
-    s = hvps // 3
-    S = _rademacher(rng, op.n, s)
-    AS = np.column_stack([np.asarray(op.matmat(S[:, j:j + block])) for j in range(0, s, block)])
-    Q, _ = np.linalg.qr(AS)
-    exact = float(np.sum(Q * np.column_stack([np.asarray(op.matmat(Q[:, j:j + block]))
-                                              for j in range(0, s, block)])))
-    G = _rademacher(rng, op.n, hvps - 2 * s)
-    G -= Q @ (Q.T @ G)
-    samples = _quadratic_forms(op, G, block)
+    AS = np.empty((op.n, s))
+    for j in range(0, s, block):
+        AS[:, j:j + block] = np.asarray(op.matmat(_rademacher(rng, op.n, min(block, s - j))))
+    Q, _ = np.linalg.qr(AS, mode="reduced")
+    del AS
+    exact = float(sum(np.sum(Q[:, j:j + block] * np.asarray(op.matmat(Q[:, j:j + block])))
+                      for j in range(0, s, block)))
+    samples = _quadratic_forms(op, rng, hvps - 2 * s, block, deflate=Q)
     return _estimate("hutch++", exact, samples, confidence, hvps, t0, op.fpe - fpe0, seed)

@@ -11,7 +11,7 @@ Three ways to compute a batch's product (``mode``):
   forward-mode AD.
 * ``"finite-difference"`` — central difference of gradients, (g(θ+hv) − g(θ−hv)) / 2h, for
   models whose operations lack any second-order AD. Hessian only; its relative error is
-  O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 (measured in tests/test_hvp.py).
+  O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 (measured in tests/test_curvature.py).
 
 The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
 batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .data import Batches, DataLike, make_batches
+from .data import Batches, DataLike, StreamedBatches, load_batches
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
 from .losses import LossFn, get_loss
 from .operator import Operator
@@ -69,12 +69,13 @@ class CurvatureOperator(Operator):
     The model is copied, cast to ``dtype``, moved to ``device`` and put in eval mode (BatchNorm
     uses running statistics, dropout is off) unless ``eval_mode=False``."""
 
-    def __init__(self, model: nn.Module, loss: Union[str, LossFn], data: DataLike | Batches, *,
+    def __init__(self, model: nn.Module, loss: Union[str, LossFn], data: DataLike | Batches | StreamedBatches, *,
                  curvature: str = "hessian", mode: str = "forward", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  params: Sequence[str] | None = None, eval_mode: bool = True,
                  reducer: Reducer | None = None, compiled: bool = False, channels_last: bool = False,
-                 tf32: bool = False):
+                 tf32: bool = False, placement: str = "auto", loader_workers: int = 0,
+                 data_columns: tuple[str, str] | None = None):
         if curvature not in CURVATURES:
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
@@ -98,13 +99,12 @@ class CurvatureOperator(Operator):
         self.loss_fn = get_loss(loss)
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
-        self.batches = data if isinstance(data, Batches) else make_batches(
-            data, batch_size, dtype=dtype, device=self.device)
-        if channels_last:
-            self.batches = Batches(tuple((x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x, y)
-                                         for x, y in self.batches))
+        self.batches = data if isinstance(data, (Batches, StreamedBatches)) else load_batches(
+            data, batch_size, dtype=dtype, device=self.device, placement=placement, loader_workers=loader_workers,
+            channels_last=channels_last, columns=data_columns)
         #: samples per forward pass; halved when the device runs out of memory
-        self.micro_batch = max(len(y) for _, y in self.batches)
+        self.micro_batch = len(self.batches.first()[1]) if isinstance(self.batches, StreamedBatches) else max(
+            len(y) for _, y in self.batches)
         self._reduce = reducer or (lambda t: None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -142,7 +142,7 @@ class CurvatureOperator(Operator):
     def _fastest_mode(self, repeats: int = 3) -> str:
         """Time one single-column product on the first batch in each exact mode (after a warm-up
         call) and return the faster; these products are not counted in ``hvps``."""
-        x, y = self.batches.batches[0]
+        x, y = self.batches.first()
         p = self.layout.gather(self.model)
         T = torch.randn(1, self.n, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         seconds = {}
@@ -173,6 +173,7 @@ class CurvatureOperator(Operator):
         device = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
         return {"mode": self.mode, "compiled": self.compiled, "channels_last": self.channels_last,
                 "tf32": self.tf32, "micro_batch": self.micro_batch, "device": str(self.device),
+                "data": self.batches.placement,
                 "peak_device_bytes": device,
                 "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT}
 
@@ -214,19 +215,27 @@ class CurvatureOperator(Operator):
 
     # -- products -----------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
-        p = self.layout.gather(self.model)
-        total = self._sum_over_data(lambda x, y: self._batch_product(p, x, y, T), "curvature product")
+        total = self.local_sum(V)
+        self._reduce(total)
         return (total / self.n_samples).T.to(V.device)
 
-    def _sum_over_data(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str) -> torch.Tensor:
-        """Σ over every batch of ``fn(inputs, targets)`` in float64, then the reducer."""
+    def local_sum(self, V: torch.Tensor) -> torch.Tensor:
+        """(k, n) float64: Σ over THIS process's samples of ∇²ℓᵢ V, not yet summed over the other
+        processes nor divided by the sample count (a sharded basis reduce-scatters it)."""
+        T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
+        p = self.layout.gather(self.model)
+        return self._sum_over_data(lambda x, y: self._batch_product(p, x, y, T), "curvature product", reduce=False)
+
+    def _sum_over_data(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
+                       reduce: bool = True) -> torch.Tensor:
+        """Σ over every batch of ``fn(inputs, targets)`` in float64, then (``reduce``) the reducer."""
         total = None
         with self._precision():
             for i, (x, y) in enumerate(self.batches):
                 part = self._over_micro_batches(fn, x, y, i, what)
                 total = part if total is None else total.add_(part)
-        self._reduce(total)
+        if reduce:
+            self._reduce(total)
         return total
 
     def _over_micro_batches(self, fn, x: torch.Tensor, y: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -344,7 +353,7 @@ class CurvatureOperator(Operator):
 
     def _check_first_batch(self) -> None:
         """One gradient on the first batch: the loss is finite and every parameter is used."""
-        x, y = self.batches.batches[0]
+        x, y = self.batches.first()
         q = self._leaves(self.layout.gather(self.model))
         try:
             loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, x[:self.micro_batch], y[:self.micro_batch]))

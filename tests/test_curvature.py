@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hessdist.errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
-from hessdist.hvp import CurvatureOperator, MicroBatchWarning
+from hessdist.curvature import CurvatureOperator, MicroBatchWarning
 from hessdist.params import ParameterLayout, load_state
 
 from .helpers import MODELS, digits_subset, mlp, reference

@@ -1,11 +1,11 @@
 """The worker actor: one model replica and one data shard per GPU (or CPU slot), joined to the
 others by a torch.distributed process group. Its partial products are summed by ONE flat
-all-reduce per product; it also holds a replica of the solver's Krylov basis."""
+collective per product; it also holds a slice of the solver's Krylov basis."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence, Union
 
@@ -13,19 +13,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import load_shard
-from ..hvp import CurvatureOperator
+from ..data import is_ray_dataset, load_shard
+from ..curvature import CurvatureOperator
 from ..imports import resolve
 from ..losses import LossFn
-from ..solvers.krylov import LocalKrylovBasis
+from .basis import MissingBasis, SliceBasis
 
 Factory = Union[str, Callable[..., Any]]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OperatorSpec:
     """How a worker builds its operator. Factories are callables or ``"pkg.mod:fn"`` paths; the
-    data factory may take ``rank``/``world_size`` keywords to build only its own shard."""
+    data factory may take ``rank``/``world_size`` keywords to build only its own shard. ``data``
+    may also be a ``ray.data`` dataset: the worker group splits it once, in order, into one shard
+    per rank. ``placement``: keep the shard on the device, stream it on every product, or auto."""
 
     model: Factory
     data: Factory
@@ -39,16 +41,36 @@ class OperatorSpec:
     compiled: bool = False
     channels_last: bool = False
     tf32: bool = False
+    placement: str = "auto"
+    loader_workers: int = 0
+    data_columns: tuple[str, str] | None = None
 
     def build(self, rank: int, world_size: int, device: torch.device,
               reducer: Callable[[torch.Tensor], None] | None = None) -> CurvatureOperator:
         model_fn = resolve(self.model) if isinstance(self.model, str) else self.model
-        data_fn = resolve(self.data) if isinstance(self.data, str) else self.data
-        return CurvatureOperator(model_fn(), self.loss, load_shard(data_fn, rank, world_size),
+        if isinstance(self.data, RayShards):
+            shard = self.data.shards[rank]
+        else:
+            shard = load_shard(resolve(self.data) if isinstance(self.data, str) else self.data, rank, world_size)
+        return CurvatureOperator(model_fn(), self.loss, shard,
                                  curvature=self.curvature, mode=self.mode, batch_size=self.batch_size,
                                  dtype=getattr(torch, self.dtype), device=device, params=self.params,
                                  eval_mode=self.eval_mode, reducer=reducer, compiled=self.compiled,
-                                 channels_last=self.channels_last, tf32=self.tf32)
+                                 channels_last=self.channels_last, tf32=self.tf32, placement=self.placement,
+                                 loader_workers=self.loader_workers, data_columns=self.data_columns)
+
+    def split_for(self, workers: int) -> "OperatorSpec":
+        """The spec each of ``workers`` ranks gets: a ray.data dataset split once, in order."""
+        if not is_ray_dataset(self.data):
+            return self
+        return dataclasses.replace(self, data=RayShards(tuple(self.data.split(workers, equal=False))))
+
+
+@dataclasses.dataclass(frozen=True)
+class RayShards:
+    """A ray.data dataset split into one shard per rank (rank r reads ``shards[r]``)."""
+
+    shards: tuple[Any, ...]
 
 
 def free_port() -> int:
@@ -63,7 +85,7 @@ def _all_reduce_sum(t: torch.Tensor) -> None:
 
 
 class CurvatureWorker:
-    """A Ray actor (decorated by :mod:`hessdist.dist.group`). Rank 0 returns results; the other
+    """A Ray actor (decorated by :mod:`hessdist.workers.group`). Rank 0 returns results; the other
     ranks return None so that nothing large crosses Ray twice."""
 
     def __init__(self, spec: OperatorSpec):
@@ -72,7 +94,8 @@ class CurvatureWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)          # before any other CUDA call
         self.op: CurvatureOperator | None = None
-        self.basis: LocalKrylovBasis | None = None
+        self.basis: SliceBasis | None = None
+        self.basis_id: str | None = None
         self.rank = -1
 
     # -- set-up -------------------------------------------------------------------------------
@@ -128,25 +151,29 @@ class CurvatureWorker:
     def describe(self) -> dict:
         return self.op.describe()
 
-    # -- Krylov basis replica (every rank does the same arithmetic on the same numbers) -------
-    def basis_reset(self, fraction: float = 1.0) -> None:
-        self.basis = LocalKrylovBasis(self._op(fraction))
+    # -- this rank's slice of a sharded Krylov basis (hessdist.workers.basis) -----------------
+    def _basis(self, basis_id: str) -> SliceBasis:
+        if self.basis is None or self.basis_id != basis_id:
+            raise MissingBasis(f"rank {self.rank} holds no basis {basis_id[:8]}")
+        return self.basis
 
-    def basis_add_start(self, v: np.ndarray) -> float:
-        return self.basis.add_start(v)
+    def basis_reset(self, basis_id: str, capacity: int, dtype: str, fraction: float = 1.0) -> None:
+        self.basis, self.basis_id = SliceBasis(self._op(fraction), capacity, getattr(torch, dtype)), basis_id
 
-    def basis_expand(self, j: int, count: int = 1) -> list[np.ndarray]:
-        return self.basis.expand(j, count)
+    def basis_add_start(self, basis_id: str, v: np.ndarray) -> float:
+        return self._basis(basis_id).add_start(v)
 
-    def basis_compress(self, Y: np.ndarray, expanded: int) -> None:
-        self.basis.compress(Y, expanded)
+    def basis_expand(self, basis_id: str, j: int, count: int = 1) -> list[np.ndarray]:
+        return self._basis(basis_id).expand(j, count)
 
-    def basis_combine(self, Y: np.ndarray) -> np.ndarray | None:
-        return self._rank0(self.basis.combine(Y))
+    def basis_compress(self, basis_id: str, Y: np.ndarray, expanded: int) -> None:
+        self._basis(basis_id).compress(Y, expanded)
 
-    def basis_export(self, size: int) -> np.ndarray:
-        return self.basis.export(size)
+    def basis_combine(self, basis_id: str, Y: np.ndarray) -> np.ndarray:
+        return self._basis(basis_id).combine(Y)
 
-    def basis_load(self, rows: np.ndarray, fraction: float = 1.0) -> None:
-        self.basis = LocalKrylovBasis(self._op(fraction))
-        self.basis.load(rows)
+    def basis_peak(self, basis_id: str) -> int:
+        return self._basis(basis_id).rows.peak_bytes
+
+    def basis_seconds(self, basis_id: str) -> dict:
+        return self._basis(basis_id).seconds

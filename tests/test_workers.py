@@ -1,4 +1,6 @@
-"""Distributed products on a real local Ray cluster (gloo) against the in-process operator."""
+"""Distributed products and the sharded basis on a real local Ray cluster (gloo), against the
+in-process operator and dense eigendecompositions."""
+import functools
 import os
 
 import numpy as np
@@ -7,9 +9,9 @@ import ray
 import torch
 
 from hessdist.data import spread_indices
-from hessdist.dist import DistributedOperator, OperatorSpec, WorkerGroup
+from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup
 from hessdist.errors import InputError, WorkerError
-from hessdist.hvp import CurvatureOperator
+from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
 from . import helpers
@@ -83,15 +85,55 @@ def test_lopsided_shards_do_not_hang_and_weight_by_sample(workers):
         group.shutdown()
 
 
-def test_distributed_lanczos_matches_in_process(groups):
-    local = lanczos(in_process(), which="LA,SA", k=3, tol=1e-10, seed=3)
+@functools.lru_cache(maxsize=None)
+def dense_spectrum(curvature: str) -> np.ndarray:
+    x, y = data_factory()
+    model = helpers.cnn_bn()
+    M = helpers.dense_hessian(model, x, y) if curvature == "hessian" else helpers.dense_ggn_cross_entropy(model, x, y)
+    return torch.linalg.eigvalsh(torch.from_numpy(M)).numpy()
+
+
+def assert_same_solve(dist, local, lam):
+    for end, truth in (("LA", lam[::-1]), ("SA", lam)):
+        if end not in dist.pairs:
+            continue
+        np.testing.assert_allclose(dist.pairs[end].values, local.pairs[end].values, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(dist.pairs[end].values, truth[:len(dist.pairs[end].values)], rtol=1e-8,
+                                   atol=1e-11 * abs(lam).max())
+        cos = np.abs((dist.pairs[end].vectors * local.pairs[end].vectors).sum(0))
+        np.testing.assert_allclose(cos, 1, atol=1e-8)
+
+
+@pytest.mark.parametrize("max_basis", [None, 16])
+def test_sharded_lanczos_matches_in_process_and_dense(groups, max_basis):
+    """The basis sharded over 1, 2, 3 workers gives the in-process solve (to 1e-10) and the dense
+    eigenvalues, thick restarts included; each worker holds 1/W of the basis."""
+    lam = dense_spectrum("hessian")
+    local = lanczos(in_process(), which="LA,SA", k=3, tol=1e-10, seed=3, max_basis=max_basis, max_hvps=600)
+    peaks = {}
     for workers in (1, 2, 3):
-        dist = lanczos(DistributedOperator(groups[workers]), which="LA,SA", k=3, tol=1e-10, seed=3)
-        assert dist.hvps == local.hvps
-        for end in ("LA", "SA"):
-            np.testing.assert_allclose(dist.pairs[end].values, local.pairs[end].values, rtol=1e-12)
-            cos = np.abs((dist.pairs[end].vectors * local.pairs[end].vectors).sum(0))
-            np.testing.assert_allclose(cos, 1, atol=1e-9)
+        dist = lanczos(DistributedOperator(groups[workers]), which="LA,SA", k=3, tol=1e-10, seed=3,
+                       max_basis=max_basis, max_hvps=600)
+        assert dist.converged and dist.restarts == local.restarts and (dist.restarts > 0) == (max_basis is not None)
+        assert_same_solve(dist, local, lam)
+        peaks[workers] = dist.basis_peak_bytes
+    n = groups[1].n
+    assert peaks[1] >= local.basis_peak_bytes and peaks[3] <= peaks[1] // 3 + 16 * 8 * 3
+    if max_basis:
+        assert peaks[1] <= max_basis * n * 8
+
+
+def test_sharded_ggn_and_lopsided_shards_match_in_process():
+    # the GGN's smallest eigenvalue is 0 many times over: one start vector finds one copy, so LA only
+    for curvature, data, workers, which in (("ggn", data_factory, 3, "LA"), ("hessian", lopsided_data, 2, "LA,SA")):
+        group = WorkerGroup(spec(curvature, data=data), workers, collective_timeout_s=30)
+        try:
+            local = lanczos(in_process(curvature), which=which, k=2, tol=1e-10, seed=5)
+            dist = lanczos(DistributedOperator(group), which=which, k=2, tol=1e-10, seed=5)
+            assert local.converged and dist.hvps == local.hvps
+            assert_same_solve(dist, local, dense_spectrum(curvature))
+        finally:
+            group.shutdown()
 
 
 def test_auto_mode_is_one_choice_for_every_rank_and_reported():
@@ -122,9 +164,10 @@ def test_parameters_are_sent_and_used(groups):
 
 
 @pytest.mark.parametrize("workers", [2, 1])
-def test_killed_worker_is_replaced_and_nothing_is_lost(workers):
-    """Kill a worker mid-solve: the group is rebuilt, the basis carried over (from a survivor,
-    or by replay when the only worker died) and the answer is the same."""
+def test_killed_worker_mid_solve_same_eigenvalues_lost_work_reported(workers):
+    """Kill a worker mid-solve: its basis slices are gone, the group is rebuilt and the solve
+    continues from the last checkpointed Ritz vectors; same eigenvalues, the lost products and
+    the rebuild reported."""
     group = WorkerGroup(spec(), workers, collective_timeout_s=20)
     try:
         op = DistributedOperator(group)
@@ -132,18 +175,15 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(workers):
         killed = []
 
         def kill_once(info):
-            if info["hvps"] == 6 and not killed:
+            if info["hvps"] == 7 and not killed:
                 killed.append(group.actors[-1])
                 ray.kill(group.actors[-1])
 
-        before = op.hvps
-        res = lanczos(op, which="LA,SA", k=2, tol=1e-10, seed=7, callback=kill_once)
+        res = lanczos(op, which="LA,SA", k=2, tol=1e-10, seed=7, checkpoint_every=3, callback=kill_once)
         assert killed and len(group.replacements) == 1 and "died" in group.replacements[0]
-        assert res.hvps == clean.hvps
+        assert res.converged and res.recoveries == 1 and res.products_redone == 1     # checkpoint at 6, lost at 7
         for end in ("LA", "SA"):
-            np.testing.assert_allclose(res.pairs[end].values, clean.pairs[end].values, rtol=1e-12)
-        replayed = op.hvps - before - res.hvps
-        assert replayed == (0 if workers > 1 else 6)   # a survivor's copy costs no products
+            np.testing.assert_allclose(res.pairs[end].values, clean.pairs[end].values, rtol=1e-9)
     finally:
         group.shutdown()
 
@@ -180,3 +220,36 @@ def test_subset_density_trace_and_line_through_workers(groups):
     v = V[:, 0]
     np.testing.assert_allclose(line_scan(dist_op, v, [-0.1, 0.1]).loss, line_scan(local, v, [-0.1, 0.1]).loss,
                                rtol=1e-12)
+
+
+def test_streamed_shards_and_a_ray_dataset_give_the_resident_products():
+    """Shards streamed on every product, and a ray.data dataset split once by the driver (two
+    columns, lopsided blocks), give the in-process resident products."""
+    x, y = data_factory()
+    ds = ray.data.from_items([{"image": x[i].numpy(), "label": int(y[i])} for i in range(N)]).repartition(3)
+    V = np.random.default_rng(4).standard_normal((in_process().n, 2))
+    ref = in_process().matmat(V)
+    for data, kw in ((data_factory, {"placement": "stream"}), (ds, {"data_columns": ("image", "label")}),
+                     (ds, {"placement": "stream"})):
+        group = WorkerGroup(spec(data=data, **kw), 2, collective_timeout_s=30)
+        try:
+            op = DistributedOperator(group)
+            assert op.n_samples == N
+            assert {r["data"] for r in group.run("describe")} == {kw.get("placement", "device")}
+            np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+        finally:
+            group.shutdown()
+
+
+def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap():
+    """Two million parameters on two workers: each holds half of every basis vector, never more
+    than max_basis of them."""
+    from .test_basis import Wide, wide_data
+    group = WorkerGroup(OperatorSpec(model=Wide, data=wide_data, batch_size=32,
+                                     mode="double-backward"), 2, collective_timeout_s=60)
+    try:
+        op = DistributedOperator(group)
+        res = lanczos(op, which="LA,SA", k=1, tol=1e-3, seed=0, max_basis=12, max_hvps=40)
+        assert res.restarts > 0 and 0 < res.basis_peak_bytes <= 12 * -(-op.n // 2) * 8
+    finally:
+        group.shutdown()

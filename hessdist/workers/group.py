@@ -4,15 +4,16 @@ Set-up follows the recipe Ray Train uses: bundles reserved first, ranks ordered 
 GPU, rank 0's node IP and a free port as the rendezvous, every rank's ``init_process_group``
 started concurrently with an explicit timeout. Workers keep ``max_restarts=0``: when one dies
 the whole group is torn down and rebuilt (new actors, new port, new process group), the
-parameters are re-sent and the interrupted call is retried — callers that keep state on the
-workers (the Krylov basis) register a :class:`StateHolder` to carry it across.
+parameters are re-sent and the interrupted call is retried. State that lived on the lost
+workers (a sharded Krylov basis) is gone: calls about it then fail, and the solver continues
+from its own checkpoint.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import ray
 import torch
@@ -28,11 +29,6 @@ RemoteWorker = ray.remote(max_restarts=0)(CurvatureWorker)
 
 class WorkerLost(Exception):
     """A worker died, or a call or collective timed out: the group must be rebuilt."""
-
-
-class StateHolder(Protocol):
-    def salvage(self, old: Sequence[Any]) -> Any: ...
-    def restore(self, group: "WorkerGroup", state: Any) -> None: ...
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> bool:
@@ -69,14 +65,14 @@ class WorkerGroup:
         if workers < 1:
             raise WorkerError(f"a worker group needs at least one worker, got {workers}")
         if not ray.is_initialized():
-            raise WorkerError("Ray is not initialised: call hessdist.dist.connect() first")
+            raise WorkerError("Ray is not initialised: call hessdist.workers.connect() first")
         self.spec, self.size = spec, workers
+        self._worker_spec = spec.split_for(workers)     # a ray.data dataset: split once, kept for rebuilds
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
         self.max_restarts, self.start_timeout_s = max_restarts, start_timeout_s
         self.call_timeout_s, self.collective_timeout_s = call_timeout_s, collective_timeout_s
         self.runtime_env = runtime_env
         self.replacements: list[str] = []        # one entry per rebuild, saying why
-        self.holders: list[StateHolder] = []
         self._state_ref = None
         self.actors: list[Any] = []
         self._pg = None
@@ -98,7 +94,7 @@ class WorkerGroup:
         actors = [RemoteWorker.options(
             num_cpus=self.cpus, num_gpus=self.gpus, runtime_env=self.runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-        ).remote(self.spec) for i in range(self.size)]
+        ).remote(self._worker_spec) for i in range(self.size)]
         try:
             places = ray.get([a.placement.remote() for a in actors], timeout=self.start_timeout_s)
             order = sorted(range(self.size), key=lambda i: (places[i][0], places[i][1]))
@@ -136,15 +132,10 @@ class WorkerGroup:
         self.actors = []
 
     def rebuild(self, reason: str) -> None:
-        """Replace the whole group (new actors, port and process group); state holders carry
-        their worker-side state across."""
+        """Replace the whole group (new actors, port and process group) and re-send the parameters."""
         log.warning("rebuilding the worker group: %s", reason)
-        old = self.actors
-        states = [h.salvage(old) for h in self.holders]
-        self._teardown(old)
+        self._teardown(self.actors)
         self._start()
-        for holder, state in zip(self.holders, states):
-            holder.restore(self, state)
         self.replacements.append(reason)
 
     # -- calls --------------------------------------------------------------------------------

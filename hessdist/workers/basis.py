@@ -1,0 +1,159 @@
+"""A Krylov basis sharded by parameter slice across the worker group.
+
+Rank r of W holds columns [r·s, (r+1)·s) (s = ⌈n/W⌉) of every basis vector. A step:
+
+1. all-gather the slices of the vectors to expand (every rank needs whole vectors: its model
+   replica is perturbed along all parameters);
+2. each rank's partial product over its data shard; reduce-scatter the partial sums, so each
+   rank receives its slice of the full-data product (the same traffic as one all-reduce);
+3. Gram–Schmidt on the slices, the m+1 dot products all-reduced; append.
+
+Basis memory and vector work per worker are 1/W of a replica's, so the default capacity grows
+with the cluster. The driver gets the m+1 coefficients, identical on every rank by construction
+(they come out of all-reduces); it checks that they are — a rank out of step with the others is
+refused with a message — and that is the consistency check that replaces the old bit-for-bit
+replica comparison. A lost worker takes its slices with it: calls about a basis the (rebuilt)
+workers do not hold raise :class:`hessdist.basis.BasisLost`, and the solver continues from its
+checkpointed Ritz vectors.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from ..basis import BasisLost, BasisRows, KrylovBasis
+from ..errors import HessdistError
+
+if TYPE_CHECKING:
+    from ..curvature import CurvatureOperator
+    from .operator import DistributedOperator
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class MissingBasis(HessdistError):
+    """Raised on a worker asked about a basis it does not hold (it was rebuilt since)."""
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class SliceBasis:
+    """One worker's slice of a sharded basis (see the module docstring)."""
+
+    def __init__(self, op: "CurvatureOperator", capacity: int, dtype: torch.dtype):
+        self.op, self.n = op, op.n
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.step = -(-self.n // self.world)
+        self.lo, self.hi = min(self.n, self.rank * self.step), min(self.n, (self.rank + 1) * self.step)
+        self.rows = BasisRows(self.hi - self.lo, min(capacity, self.n), dtype, op.device, reduce=_all_reduce)
+        #: seconds in expand: in all, and in the partial products (the rest is the basis's own cost)
+        self.seconds = {"expand": 0.0, "product": 0.0, "columns": 0}
+
+    def add_start(self, v: np.ndarray) -> float:
+        return self.rows.add_start(torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device),
+                                   self.n)
+
+    def _padded(self, T: torch.Tensor) -> torch.Tensor:
+        """(count, width) → (count, step), zero-padded (the last rank's slice may be shorter)."""
+        out = torch.zeros(T.shape[0], self.step, dtype=T.dtype, device=T.device)
+        out[:, :T.shape[1]] = T
+        return out
+
+    def expand(self, j: int, count: int) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        mine = self._padded(self.rows.rows(j, count))
+        gathered = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=mine.device)
+        _all_gather(gathered, mine.reshape(-1))                                  # flat: what gloo accepts
+        V = gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
+        t1 = time.perf_counter()
+        partial = self.op.local_sum(V.T) / self.op.n_samples                     # (count, n)
+        self.seconds["product"] += time.perf_counter() - t1
+        send = torch.zeros(count, self.world * self.step, dtype=torch.float64, device=partial.device)
+        send[:, :self.n] = partial
+        send = send.reshape(count, self.world, self.step).permute(1, 0, 2).reshape(-1)
+        received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
+        _reduce_scatter(received, send)
+        columns = self.rows.extend(received.reshape(count, self.step)[:, :self.hi - self.lo], self.n)
+        self.seconds["expand"] += time.perf_counter() - t0
+        self.seconds["columns"] += count
+        return columns
+
+    def compress(self, Y: np.ndarray, expanded: int) -> None:
+        self.rows.compress(torch.tensor(Y), expanded)
+
+    def combine(self, Y: np.ndarray) -> np.ndarray:
+        return self.rows.combine(torch.tensor(Y)).cpu().numpy()
+
+
+class ShardedKrylovBasis(KrylovBasis):
+    """The driver's handle on a basis sharded across a worker group."""
+
+    volatile = True
+
+    def __init__(self, op: "DistributedOperator", capacity: int, dtype: torch.dtype):
+        self.op, self.group, self.n = op, op.group, op.n
+        self.id, self._capacity, self._size = uuid.uuid4().hex, min(capacity, op.n), 0
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self._peak = 0
+        self._call("basis_reset", capacity, self.dtype_name, op.fraction)
+
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        """``method`` on every rank (with this basis's id); a rank that no longer holds the
+        basis — the group was rebuilt — means it is lost."""
+        try:
+            return self.group.run(method, self.id, *args)
+        except MissingBasis as exc:
+            raise BasisLost(f"the workers holding basis slices were replaced ({exc})") from None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def peak_bytes(self) -> int:
+        try:
+            self._peak = max([self._peak, *self.group.run("basis_peak", self.id)])
+        except (MissingBasis, HessdistError):
+            pass
+        return self._peak
+
+    def _same_on_every_rank(self, results: list[Any], what: str) -> Any:
+        first = results[0]
+        if any(not np.array_equal(first, r) for r in results[1:]):
+            raise HessdistError(f"the ranks disagree on {what}: their collectives are out of step; restart the "
+                                "worker group (every rank must receive every call, in the same order)")
+        return first
+
+    def add_start(self, v: np.ndarray) -> float:
+        left = self._same_on_every_rank(self._call("basis_add_start", ray.put(np.asarray(v, dtype=np.float64))),
+                                        "a start vector")
+        self._size += left > 0
+        return left
+
+    def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
+        results = self._call("basis_expand", j, count)
+        cols = [self._same_on_every_rank([r[i] for r in results], f"step {j + i}") for i in range(count)]
+        self.op.count(count)
+        self._size += sum(col[-1] > 0 for col in cols)
+        return cols
+
+    def compress(self, Y: np.ndarray, expanded: int) -> None:
+        Y = np.asarray(Y, dtype=np.float64)
+        self._call("basis_compress", ray.put(Y), expanded)
+        self._size = Y.shape[1] + self._size - expanded
+
+    def combine(self, Y: np.ndarray) -> np.ndarray:
+        return np.concatenate(self._call("basis_combine", np.asarray(Y, dtype=np.float64)), axis=0)
