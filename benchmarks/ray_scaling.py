@@ -71,9 +71,11 @@ class KeepsBasis(DistributedOperator):
 
 def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...]) -> dict:
     """The Lanczos step beyond the product on the 10.2M-parameter model with the basis sharded
-    over W workers (1 CPU thread each): the workers time their partial products and the whole
-    expand step; the driver adds its own share (calls, the projected eigenproblem). Also the
-    default basis capacity and the peak basis memory per worker."""
+    over W workers: the workers time their partial products, the two collectives (all-gather of
+    the vector, reduce-scatter of the product: the traffic of the one all-reduce a replicated
+    product pays) and the whole expand step (means, first step included); the driver's step is
+    the median time between blocks. Also the default basis capacity and the peak basis memory
+    per worker."""
     data_fn = lambda rank=0, world_size=1: cifar10(rank=rank, world_size=world_size, n_samples=samples)  # noqa: E731
     rows = []
     for workers in worker_counts:
@@ -81,19 +83,25 @@ def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...]) -> d
                             cpus_per_worker=2 / max(workers, 2))
         try:
             op = KeepsBasis(group)
-            t = time.perf_counter()
-            res = lanczos(op, which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False)
-            wall = time.perf_counter() - t
-            seconds = [s for s in group.run("basis_seconds", op.basis.id)]
+            stamps = []
+            res = lanczos(op, which="LA,SA", tol=1e-300, max_hvps=steps, return_vectors=False,
+                          callback=lambda info: stamps.append(time.perf_counter()))
+            seconds = group.run("basis_seconds", op.basis.id)
         finally:
             group.shutdown()
-        product = max(s["product"] for s in seconds) / steps
-        worker_step = max(s["expand"] for s in seconds) / steps
-        rows.append({"workers": workers, "n_params": op.n, "n_samples": samples, "steps": res.hvps,
-                     "product_s": product, "worker_step_s": worker_step, "driver_step_s": wall / steps,
+        driver_step = float(np.median(np.diff(stamps)))        # block to block, as the driver sees it
+        product = max(s["product"] / s["columns"] for s in seconds)
+        worker_step = max(s["expand"] / s["columns"] for s in seconds)
+        collectives = max(s["collectives"] / s["columns"] for s in seconds)
+        rows.append({"workers": workers, "n_params": op.n, "n_samples": samples, "steps": len(stamps),
+                     "basis_vectors_at_end": int(op.basis.size),
+                     "product_s": product, "worker_step_s": worker_step, "driver_step_s": driver_step,
+                     "collectives_s": collectives,
+                     "basis_work_on_workers_s": worker_step - product - collectives,
                      "overhead_on_workers_s": worker_step - product,
-                     "overhead_with_driver_s": wall / steps - product,
-                     "overhead_fraction": (wall / steps - product) / product,
+                     "overhead_beyond_product_and_collectives_s": driver_step - product - collectives,
+                     "overhead_with_driver_s": driver_step - product,
+                     "overhead_fraction": (driver_step - product) / product,
                      "default_max_basis": default_max_basis(op.n, workers),
                      "basis_peak_bytes_per_worker": res.basis_peak_bytes})
         print(rows[-1], flush=True)

@@ -143,15 +143,19 @@ class BasisRows:
         return h
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """w − Qᵀh."""
+        """w − Qᵀh, in place (w is the caller's own working vector): one pass over the basis."""
         start = 0
         for chunk in self._used():
-            w = w - (chunk.T @ h[start:start + len(chunk)].to(self.dtype)).to(torch.float64)
+            part = h[start:start + len(chunk)]
+            if chunk.dtype == w.dtype:
+                w.addmv_(chunk.T, part, alpha=-1)
+            else:
+                w.sub_((chunk.T @ part.to(chunk.dtype)).to(w.dtype))
             start += len(chunk)
         return w
 
     def norm(self, w: torch.Tensor) -> float:
-        sq = (w * w).sum().reshape(1).to(torch.float64)
+        sq = torch.dot(w, w).reshape(1).to(torch.float64)
         self._reduce(sq)
         return float(sq.sqrt())
 
@@ -200,7 +204,7 @@ class BasisRows:
             w, h = self.orthogonalize(w)
             beta = self.norm(w)
             if beta > 1e-13 * max(scale, 1e-300) and self.size < limit:
-                self.append(w / beta)
+                self.append(w.div_(beta))
             else:
                 beta = 0.0
             columns.append(np.append(h.cpu().numpy(), beta))

@@ -95,9 +95,7 @@ class HostData:
         if isinstance(data, DataLoader):
             batches = iter(data)
         elif isinstance(data, Dataset):
-            batches = iter(DataLoader(data, batch_size=self.batch_size, shuffle=False, pin_memory=self.pin,
-                                      num_workers=self.loader_workers,
-                                      prefetch_factor=2 if self.loader_workers else None))
+            batches = iter(self._loader(data))
         else:
             batches = data.iter_torch_batches(batch_size=self.batch_size, drop_last=False)
         if self.keep is None or isinstance(data, Subset):
@@ -110,6 +108,15 @@ class HostData:
             start += len(y)
             if len(local):
                 yield x[local], y[local]
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        """One DataLoader per dataset, kept: its worker processes persist from pass to pass."""
+        if getattr(self, "_cached", (None,))[0] is not dataset:
+            workers = self.loader_workers
+            self._cached = dataset, DataLoader(dataset, batch_size=self.batch_size, shuffle=False, pin_memory=self.pin,
+                                               num_workers=workers, persistent_workers=workers > 0,
+                                               prefetch_factor=2 if workers else None)
+        return self._cached[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         empty = True

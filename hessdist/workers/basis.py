@@ -55,8 +55,9 @@ class SliceBasis:
         self.step = -(-self.n // self.world)
         self.lo, self.hi = min(self.n, self.rank * self.step), min(self.n, (self.rank + 1) * self.step)
         self.rows = BasisRows(self.hi - self.lo, min(capacity, self.n), dtype, op.device, reduce=_all_reduce)
-        #: seconds in expand: in all, and in the partial products (the rest is the basis's own cost)
-        self.seconds = {"expand": 0.0, "product": 0.0, "columns": 0}
+        #: seconds in expand: in all, in the partial products and in the collectives (the traffic of
+        #: one all-reduce, which a replicated product pays too); the rest is the basis's own work
+        self.seconds = {"expand": 0.0, "product": 0.0, "collectives": 0.0, "columns": 0}
 
     def add_start(self, v: np.ndarray) -> float:
         return self.rows.add_start(torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device),
@@ -70,19 +71,30 @@ class SliceBasis:
 
     def expand(self, j: int, count: int) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        mine = self._padded(self.rows.rows(j, count))
-        gathered = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=mine.device)
-        _all_gather(gathered, mine.reshape(-1))                                  # flat: what gloo accepts
-        V = gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
-        t1 = time.perf_counter()
-        partial = self.op.local_sum(V.T) / self.op.n_samples                     # (count, n)
-        self.seconds["product"] += time.perf_counter() - t1
-        send = torch.zeros(count, self.world * self.step, dtype=torch.float64, device=partial.device)
-        send[:, :self.n] = partial
-        send = send.reshape(count, self.world, self.step).permute(1, 0, 2).reshape(-1)
-        received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
-        _reduce_scatter(received, send)
-        columns = self.rows.extend(received.reshape(count, self.step)[:, :self.hi - self.lo], self.n)
+        if self.world == 1:                       # the whole vector is here: no collectives
+            t1 = time.perf_counter()
+            received = self.op.local_sum(self.rows.rows(j, count).T).div_(self.op.n_samples)
+            self.seconds["product"] += time.perf_counter() - t1
+        else:
+            mine = self._padded(self.rows.rows(j, count))
+            gathered = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=mine.device)
+            t1 = time.perf_counter()
+            _all_gather(gathered, mine.reshape(-1))                              # flat: what gloo accepts
+            self.seconds["collectives"] += time.perf_counter() - t1
+            V = gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
+            t1 = time.perf_counter()
+            partial = self.op.local_sum(V.T).div_(self.op.n_samples)             # (count, n)
+            self.seconds["product"] += time.perf_counter() - t1
+            send = torch.zeros(self.world, count, self.step, dtype=torch.float64, device=partial.device)
+            for r in range(self.world):                                         # rank r's slice, padded
+                piece = partial[:, r * self.step:(r + 1) * self.step]
+                send[r, :, :piece.shape[1]] = piece
+            received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
+            t1 = time.perf_counter()
+            _reduce_scatter(received, send.reshape(-1))
+            self.seconds["collectives"] += time.perf_counter() - t1
+            received = received.reshape(count, self.step)[:, :self.hi - self.lo]
+        columns = self.rows.extend(received, self.n)
         self.seconds["expand"] += time.perf_counter() - t0
         self.seconds["columns"] += count
         return columns
