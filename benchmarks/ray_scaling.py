@@ -20,7 +20,7 @@ from hessdist.curvature import CurvatureOperator
 from hessdist.models import resnet18_cifar
 from hessdist.solvers.lanczos import default_max_basis, lanczos
 
-from .common import RESULTS, write
+from .common import RESULTS, best_of, write
 
 
 def wide_mlp() -> nn.Module:
@@ -32,15 +32,6 @@ def wide_mlp() -> nn.Module:
 
 def cifar_subset(rank: int = 0, world_size: int = 1, n: int = 256):
     return cifar10(rank=rank, world_size=world_size, n_samples=n)
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def product_times(model_fn, data_fn, batch_size: int, repeats: int) -> dict:

@@ -6,7 +6,6 @@ host-to-device copy adds to it (overlapped with compute by the one-batch-ahead c
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from torch.utils.data import Dataset
 from hessdist.curvature import CurvatureOperator
 from hessdist.examples import digits_shifted
 
-from .common import trained_model, write
+from .common import best_of, trained_model, write
 
 
 class Samples(Dataset):
@@ -29,15 +28,6 @@ class Samples(Dataset):
 
     def __getitem__(self, i):
         return self.x[i], self.y[i]
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None) -> None:
