@@ -32,7 +32,7 @@ class DistributedOperator(Operator):
         self.exact = products_exact(getattr(torch, spec.dtype), spec.tf32, spec.mode)
 
     def subset(self, fraction: float) -> "DistributedOperator":
-        """The same workers, each using the leading ``fraction`` of its shard."""
+        """The same workers, each using ``fraction`` of its shard, spread evenly over it."""
         if not 0 < fraction <= 1:
             raise InputError(f"fraction must lie in (0, 1], got {fraction}")
         return DistributedOperator(self.group, float(fraction))
