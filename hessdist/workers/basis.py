@@ -18,6 +18,7 @@ checkpointed Ritz vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -63,39 +64,41 @@ class SliceBasis:
         return self.rows.add_start(torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device),
                                    self.n)
 
-    def _padded(self, T: torch.Tensor) -> torch.Tensor:
-        """(count, width) → (count, step), zero-padded (the last rank's slice may be shorter)."""
-        out = torch.zeros(T.shape[0], self.step, dtype=T.dtype, device=T.device)
-        out[:, :T.shape[1]] = T
-        return out
+    @contextlib.contextmanager
+    def _timed(self, key: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[key] += time.perf_counter() - t
+
+    def _whole_vectors(self, mine: torch.Tensor) -> torch.Tensor:
+        """(count, this slice) → (count, n): every rank's slice, all-gathered."""
+        count = mine.shape[0]
+        padded = torch.zeros(count, self.step, dtype=mine.dtype, device=mine.device)   # the last slice may be short
+        padded[:, :mine.shape[1]] = mine
+        gathered = torch.empty(self.world * padded.numel(), dtype=mine.dtype, device=mine.device)
+        with self._timed("collectives"):
+            _all_gather(gathered, padded.reshape(-1))                            # flat: what gloo accepts
+        return gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
+
+    def _my_slice(self, partial: torch.Tensor) -> torch.Tensor:
+        """(count, n) partial sums → (count, this slice) of their sum over the ranks (reduce-scatter)."""
+        count = partial.shape[0]
+        send = torch.zeros(self.world, count, self.step, dtype=torch.float64, device=partial.device)
+        for r in range(self.world):                                             # rank r's slice, padded
+            piece = partial[:, r * self.step:(r + 1) * self.step]
+            send[r, :, :piece.shape[1]] = piece
+        received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
+        with self._timed("collectives"):
+            _reduce_scatter(received, send.reshape(-1))
+        return received.reshape(count, self.step)[:, :self.hi - self.lo]
 
     def expand(self, j: int, count: int) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        if self.world == 1:                       # the whole vector is here: no collectives
-            t1 = time.perf_counter()
-            received = self.op.local_sum(self.rows.rows(j, count).T).div_(self.op.n_samples)
-            self.seconds["product"] += time.perf_counter() - t1
-        else:
-            mine = self._padded(self.rows.rows(j, count))
-            gathered = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=mine.device)
-            t1 = time.perf_counter()
-            _all_gather(gathered, mine.reshape(-1))                              # flat: what gloo accepts
-            self.seconds["collectives"] += time.perf_counter() - t1
-            V = gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
-            t1 = time.perf_counter()
-            partial = self.op.local_sum(V.T).div_(self.op.n_samples)             # (count, n)
-            self.seconds["product"] += time.perf_counter() - t1
-            send = torch.zeros(self.world, count, self.step, dtype=torch.float64, device=partial.device)
-            for r in range(self.world):                                         # rank r's slice, padded
-                piece = partial[:, r * self.step:(r + 1) * self.step]
-                send[r, :, :piece.shape[1]] = piece
-            received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
-            t1 = time.perf_counter()
-            _reduce_scatter(received, send.reshape(-1))
-            self.seconds["collectives"] += time.perf_counter() - t1
-            received = received.reshape(count, self.step)[:, :self.hi - self.lo]
-        columns = self.rows.extend(received, self.n)
-        self.seconds["expand"] += time.perf_counter() - t0
+        with self._timed("expand"):
+            rows = self.rows.rows(j, count)
+            V = rows if self.world == 1 else self._whole_vectors(rows)           # one worker: no collectives
+            with self._timed("product"):
+                partial = self.op.local_sum(V.T).div_(self.op.n_samples)         # (count, n)
+            columns = self.rows.extend(partial if self.world == 1 else self._my_slice(partial), self.n)
         self.seconds["columns"] += count
         return columns
 
@@ -138,7 +141,7 @@ class ShardedKrylovBasis(KrylovBasis):
     def peak_bytes(self) -> int:
         try:
             self._peak = max([self._peak, *self.group.run("basis_peak", self.id)])
-        except (MissingBasis, HessdistError):
+        except HessdistError:                   # MissingBasis included: the peak seen so far stands
             pass
         return self._peak
 
