@@ -27,6 +27,11 @@ def spread_indices(n: int, fraction: float) -> torch.Tensor:
     return torch.arange(m) * n // m
 
 
+def _within(picked: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """The sample indices in ``picked`` that fall in the batch [start, start + size), batch-local."""
+    return picked[(picked >= start) & (picked < start + size)] - start
+
+
 PLACEMENTS = ("auto", "device", "stream")
 #: ``auto`` keeps the data resident when they take at most this share of the free memory
 RESIDENT_SHARE = 0.5
@@ -104,7 +109,7 @@ class HostData:
         start = 0                              # a DataLoader / ray.data stream: keep rows on the fly
         for b in batches:
             x, y = _pair(b, self.columns)
-            local = self.keep[(self.keep >= start) & (self.keep < start + len(y))] - start
+            local = _within(self.keep, start, len(y))
             start += len(y)
             if len(local):
                 yield x[local], y[local]
@@ -189,7 +194,7 @@ class Batches:
         picked = spread_indices(self.n_samples, fraction)
         xs, ys, start = [], [], 0
         for x, y in self.batches:
-            local = picked[(picked >= start) & (picked < start + len(y))] - start
+            local = _within(picked, start, len(y))
             if len(local):
                 xs.append(x[local.to(x.device)])
                 ys.append(y[local.to(y.device)])
