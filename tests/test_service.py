@@ -1,11 +1,14 @@
 """The eigen-service on a real Ray cluster started with `ray start --head`, used from separate
 driver processes as a trainer would."""
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -21,29 +24,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A Ray head of its own (`ray start --head --block`), stopped by ending that process."""
+@contextlib.contextmanager
+def ray_head(env: dict):
+    """A Ray head of its own (`ray start --head --block`) under ``env``, stopped by ending that
+    process; yields its address once the port answers. Its --temp-dir is short: Ray's socket
+    paths under it must stay within the 107-byte Unix limit."""
+    temp_dir = tempfile.mkdtemp(prefix="ray")
     port = free_port()
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    # token authentication, as the cluster/ configs use: the head and every driver share the token
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
-                             "--include-dashboard=false", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**env, "RAY_USAGE_STATS_ENABLED": "0"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        assert head.poll() is None, open(log.name).read()[-3000:]
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
             time.sleep(0.5)
     time.sleep(3)
-    yield f"127.0.0.1:{port}"
-    head.terminate()
-    head.wait(timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with token authentication, as the cluster/ configs start it: the head and every
+    driver share the token through RAY_AUTH_MODE=token and RAY_AUTH_TOKEN."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    with ray_head(dict(os.environ)) as address:
+        yield address
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
@@ -154,3 +172,43 @@ except hessdist.InputError as exc:
     proc = subprocess.run(HESSDIST + ["status", "--name", "svc", "--address", cluster],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no hessdist service named 'svc'" in proc.stderr
+
+
+def test_explicit_address_presents_the_token(tmp_path):
+    """A token made with `ray get-auth-token --generate` (written to ~/.ray/auth_token), then a plain
+    `ray start --head`, which turns token authentication on when it finds one, then hessdist with
+    an explicit --address: the token is found wherever Ray documents it; without one, a message
+    naming token authentication comes in seconds."""
+    home = tmp_path / "home"
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env={**clean, "HOME": str(home)}, check=True,
+                   capture_output=True, timeout=120)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    with ray_head({**clean, "HOME": str(home)}) as address:
+
+        def run(args, env, timeout=300):
+            return subprocess.run(HESSDIST + args + ["--address", address], capture_output=True, text=True,
+                                  timeout=timeout, env={**clean, **env})
+
+        # the default token file (the head's own HOME): serve and stop, as the issue's user did
+        proc = run(["serve", "--name", "tok", "--example", "digits-mlp", "--workers", "1",
+                    "--out-dir", str(tmp_path / "svc")], {"HOME": str(home)})
+        assert proc.returncode == 0 and json.loads(proc.stdout[proc.stdout.index("{"):])["workers"] == 1, \
+            proc.stderr[-3000:]
+        # RAY_AUTH_TOKEN and RAY_AUTH_TOKEN_PATH, from a HOME with no token file
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (tmp_path / "token").write_text(token)
+        for env in ({"RAY_AUTH_TOKEN": token}, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}):
+            proc = run(["status", "--name", "tok"], {"HOME": str(elsewhere), **env}, timeout=120)
+            assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, proc.stderr[-3000:]
+        # no token, and a wrong one: fail fast, naming token authentication and how to supply it
+        for env, says in (({}, "found no token"), ({"RAY_AUTH_TOKEN": secrets.token_hex(32)}, "was rejected")):
+            t0 = time.monotonic()
+            proc = run(["status", "--name", "tok"], {"HOME": str(elsewhere), **env}, timeout=120)
+            assert proc.returncode == 1 and "requires token authentication" in proc.stderr, proc.stderr[-3000:]
+            assert says in proc.stderr and "RAY_AUTH_TOKEN_PATH" in proc.stderr
+            assert time.monotonic() - t0 < 30         # interpreter start and imports included
+        assert run(["stop", "--name", "tok"], {"HOME": str(home)}, timeout=120).returncode == 0

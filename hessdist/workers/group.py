@@ -11,6 +11,7 @@ from its own checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from typing import Any, Mapping, Sequence
@@ -48,11 +49,39 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as exc:
             raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). {hint}") from None
+        _present_token(address)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise WorkerError(f"no Ray cluster reachable at --address {address!r} ({exc}). {hint}") from exc
     return False
+
+
+TOKEN_HINT = ("Supply the cluster's token (`ray get-auth-token` on the head prints it) as RAY_AUTH_TOKEN, as a file "
+              "named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token; see cluster/README.md")
+
+
+def _present_token(address: str) -> None:
+    """Token authentication, on for ``ray start --head`` since Ray 2.59. Ray presents a token by
+    itself only to a cluster it found (``auto``); for an explicit address, turn token mode on when
+    a token is available the ways Ray documents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token; an explicit RAY_AUTH_MODE is respected), then ask the cluster's GCS once:
+    a missing or wrong token fails here in milliseconds, where ray.init retries the handshake for
+    ~20 s and then blames the address. (Ray 2.60 internals, pinned in pyproject.toml.)"""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray._raylet import GcsClient
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        GcsClient(address=address)
+    except ray.exceptions.AuthenticationError as exc:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        found = "the token this driver presented was rejected" if mode == "token" else "this driver found no token"
+        raise WorkerError(f"the Ray cluster at --address {address!r} requires token authentication and {found} "
+                          f"(RAY_AUTH_MODE={mode}). {TOKEN_HINT}") from None
+    except Exception as exc:              # not a GCS at all: ray.init would fail the same way, slower
+        raise WorkerError(f"no Ray cluster answered at --address {address!r} ({exc}). Check host and port "
+                          "(the head's GCS port, 6379 unless `ray start --port` said otherwise)") from None
 
 
 class WorkerGroup:
