@@ -35,7 +35,7 @@ def lopsided_data(rank: int, world_size: int):
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    ray.init(num_cpus=10, include_dashboard=False, runtime_env={"py_modules": [tests_dir]},
+    ray.init(address="local", num_cpus=10, include_dashboard=False, runtime_env={"py_modules": [tests_dir]},
              logging_level="ERROR")
     yield
     ray.shutdown()
@@ -253,3 +253,37 @@ def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap():
         assert res.restarts > 0 and 0 < res.basis_peak_bytes <= 12 * -(-op.n // 2) * 8
     finally:
         group.shutdown()
+
+
+def test_worker_layout_reads_the_cluster_not_the_driver():
+    """A GPU cluster whose head has no GPU (simulated: a CPU head and a node declaring 3 logical
+    GPUs; the driver's torch.cuda is never asked): the defaults come from the cluster; a
+    fraction of a GPU is refused. Run in a process of its own (this module holds a Ray session)."""
+    import json
+    import subprocess
+    import sys
+    code = """
+import json, ray
+from ray.cluster_utils import Cluster
+from hessdist.errors import WorkerError
+from hessdist.workers import connect, worker_layout
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+cluster.add_node(num_cpus=3, num_gpus=3)
+cluster.wait_for_nodes()
+connect(cluster.address)
+out = {"default": worker_layout(), "asked": worker_layout(2, 1), "cpu": worker_layout(None, 0)}
+try:
+    worker_layout(None, 0.5)
+except WorkerError as exc:
+    out["fraction"] = str(exc)
+ray.shutdown()
+cluster.shutdown()
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["default"][:2] == [3, 1] and "cluster with 3 GPU(s)" in got["default"][2]
+    assert got["asked"] == [2, 1, "2 worker(s) with 1 GPU each"]
+    assert got["cpu"][:2] == [2, 0]
+    assert "not a whole number of GPUs" in got["fraction"] and "NCCL" in got["fraction"]

@@ -137,12 +137,11 @@ def make_operator(args: argparse.Namespace, job: Job, say: Callable[[str], None]
         op = CurvatureOperator(job.model, job.loss, factory(), dtype=getattr(torch, args.dtype), device=device,
                                **operator_options(args))
         return op, (lambda: None), {"workers": 0, "device": device}
-    from ..workers import DistributedOperator, WorkerGroup, connect, default_workers
-    workers = args.workers if args.workers is not None else default_workers()
-    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
-    started = connect(args.address, num_cpus=max(os.cpu_count() or 1, workers), runtime_env=job.runtime_env())
-    say(f"{'started a local Ray cluster' if started else 'joined the Ray cluster'}; "
-        f"starting {workers} worker(s) ({gpus} GPU each) ...")
+    from ..workers import DistributedOperator, WorkerGroup, connect, worker_layout
+    started = connect(args.address, num_cpus=max(os.cpu_count() or 1, args.workers or 2),
+                      runtime_env=job.runtime_env())
+    workers, gpus, chosen = worker_layout(args.workers, args.gpus_per_worker)
+    say(f"{'started a local Ray cluster' if started else 'joined the Ray cluster'}; starting {chosen} ...")
     group = WorkerGroup(operator_spec(args, job), workers, gpus_per_worker=gpus)
     op = DistributedOperator(group)
     op.set_parameters(job.model.state_dict())
@@ -250,8 +249,9 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
                    "(on the device when it takes at most half the free memory)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes when streaming a Dataset")
     p.add_argument("--params", help="comma-separated parameter names or patterns (default: all)")
-    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else 2); 0 = in-process")
-    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU in the cluster, else 2); 0 = in-process")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="whole GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local one)")
     p.add_argument("--seed", type=int, help="random seed (default: drawn fresh; the JSON reports it)")
     p.add_argument("--json", help="write the results as JSON to this path")

@@ -6,18 +6,21 @@ import json
 import os
 import sys
 
-import torch
-
 from .common import add_problem_options, build_job, operator_spec
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .. import service
-    from ..workers import connect, default_workers
-    job = build_job(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    from ..workers import connect, worker_layout
+    job = build_job(args, _say)
     connect(args.address or "auto", runtime_env=job.runtime_env())
     spec = operator_spec(args, job)
-    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1 if torch.cuda.is_available() else 0)
-    workers = args.workers if args.workers is not None else default_workers()
+    workers, gpus, chosen = worker_layout(args.workers, args.gpus_per_worker)
+    _say(f"starting the service with {chosen} ...")
     out_dir = args.out_dir or os.path.join("hessdist-out", args.name)
     handle = service.start(args.name, spec, workers, out_dir, gpus_per_worker=gpus)
     print(json.dumps(handle.status(), indent=2))

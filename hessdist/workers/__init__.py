@@ -1,7 +1,7 @@
 """Distributed products: worker actors, their process group, the sharded Krylov basis and the
 distributed operator."""
 from .basis import ShardedKrylovBasis
-from .group import OperatorSpec, WorkerGroup, connect, default_workers
+from .group import OperatorSpec, WorkerGroup, connect, worker_layout
 from .operator import DistributedOperator
 
-__all__ = ["OperatorSpec", "WorkerGroup", "connect", "default_workers", "DistributedOperator", "ShardedKrylovBasis"]
+__all__ = ["OperatorSpec", "WorkerGroup", "connect", "worker_layout", "DistributedOperator", "ShardedKrylovBasis"]

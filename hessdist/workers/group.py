@@ -38,8 +38,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
     if ray.is_initialized():
         return False
     kwargs = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    if address is None:             # "local": a cluster of our own, even when RAY_ADDRESS or a running one is found
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         return True
     hint = ("Start one with `ray start --head` (see cluster/README.md), check host and port, or omit "
             "--address to run on a local cluster")
@@ -225,9 +225,24 @@ def _is_collective(exc: BaseException) -> bool:
     return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
 
 
-def default_workers() -> int:
-    """One worker per visible GPU, else two CPU workers."""
-    return torch.cuda.device_count() or 2
+def worker_layout(workers: int | None = None, gpus_per_worker: float | None = None) -> tuple[int, float, str]:
+    """Workers and GPUs per worker, defaults taken from the connected *cluster*, not from this
+    driver (a CPU head of a GPU cluster sees no CUDA): with GPUs in the cluster, one GPU per
+    worker and one worker per GPU; else two CPU workers. Returns (workers, gpus, what was chosen).
+    A fraction of a GPU is refused: NCCL cannot run two ranks of one group on one device."""
+    total = int(ray.cluster_resources().get("GPU", 0))
+    asked = workers is not None and gpus_per_worker is not None
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1 if total else 0)
+    if gpus < 0 or gpus != int(gpus):
+        raise WorkerError(f"--gpus-per-worker {gpus_per_worker} is not a whole number of GPUs: NCCL cannot run two "
+                          "ranks of one process group on one GPU. Use 1 (one rank per GPU) or 0 (CPU workers)")
+    gpus = int(gpus)
+    if workers is None:
+        workers = max(1, total // gpus) if gpus else 2
+    if workers < 1:
+        raise WorkerError(f"a worker group needs at least one worker, got {workers}")
+    chosen = f"{workers} worker(s) with {gpus} GPU each" if gpus else f"{workers} CPU worker(s)"
+    return workers, gpus, chosen + ("" if asked else f" (defaults for a cluster with {total} GPU(s))")
 
 
-__all__ = ["WorkerGroup", "connect", "default_workers", "OperatorSpec", "WorkerLost"]
+__all__ = ["WorkerGroup", "connect", "worker_layout", "OperatorSpec", "WorkerLost"]
