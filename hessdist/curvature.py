@@ -17,7 +17,8 @@ The exact modes agree to rounding; ``"auto"`` times forward and double-backward 
 batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
 and divided by the total sample count, so an uneven last batch or unequal shards do not bias the
 mean. ``reducer`` (an in-place SUM over processes) turns the per-shard sum into the full-dataset
-sum.
+sum; ``agree`` runs first, so that an error on one process (NaN in its shard, out of memory)
+reaches every process instead of leaving the others waiting inside the sum.
 
 Speed options, each measured in ``benchmarks/product_cost.py``: ``compiled`` (``torch.compile``
 of the batch product; one compilation per batch shape and block width), ``channels_last``
@@ -50,6 +51,15 @@ from .params import ParameterLayout, load_state
 CURVATURES = ("hessian", "ggn")
 MODES = ("auto", "forward", "double-backward", "finite-difference")
 Reducer = Callable[[torch.Tensor], None]
+#: called by every process after its local part of a data pass with the error it met (or None);
+#: raises on every process when any failed, so that none is left waiting inside a collective
+Agreement = Callable[[Union[BaseException, None]], None]
+
+
+def _alone(error: BaseException | None) -> None:
+    """The agreement of a single process: its own error, if any."""
+    if error is not None:
+        raise error
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024      # ru_maxrss: bytes on macOS, KiB on Linux
 
 
@@ -73,7 +83,8 @@ class CurvatureOperator(Operator):
                  curvature: str = "hessian", mode: str = "forward", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  params: Sequence[str] | None = None, eval_mode: bool = True,
-                 reducer: Reducer | None = None, compiled: bool = False, channels_last: bool = False,
+                 reducer: Reducer | None = None, agree: Agreement | None = None, compiled: bool = False,
+                 channels_last: bool = False,
                  tf32: bool = False, placement: str = "auto", loader_workers: int = 0,
                  data_columns: tuple[str, str] | None = None):
         if curvature not in CURVATURES:
@@ -105,7 +116,7 @@ class CurvatureOperator(Operator):
         #: samples per forward pass; halved when the device runs out of memory
         self.micro_batch = len(self.batches.first()[1]) if isinstance(self.batches, StreamedBatches) else max(
             len(y) for _, y in self.batches)
-        self._reduce = reducer or (lambda t: None)
+        self._reduce, self._agree = reducer or (lambda t: None), agree or _alone
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n_samples = torch.tensor([float(self.batches.n_samples)], dtype=torch.float64, device=self.device)
@@ -229,11 +240,15 @@ class CurvatureOperator(Operator):
     def _sum_over_data(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
                        reduce: bool = True) -> torch.Tensor:
         """Σ over every batch of ``fn(inputs, targets)`` in float64, then (``reduce``) the reducer."""
-        total = None
-        with self._precision():
-            for i, (x, y) in enumerate(self.batches):
-                part = self._over_micro_batches(fn, x, y, i, what)
-                total = part if total is None else total.add_(part)
+        total, error = None, None
+        try:
+            with self._precision():
+                for i, (x, y) in enumerate(self.batches):
+                    part = self._over_micro_batches(fn, x, y, i, what)
+                    total = part if total is None else total.add_(part)
+        except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
+            error = exc
+        self._agree(error)
         if reduce:
             self._reduce(total)
         return total

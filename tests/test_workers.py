@@ -10,7 +10,7 @@ import torch
 
 from hessdist.data import spread_indices
 from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup
-from hessdist.errors import InputError, WorkerError
+from hessdist.errors import InputError, NonFiniteError, WorkerError
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 
@@ -184,6 +184,36 @@ def test_killed_worker_mid_solve_same_eigenvalues_lost_work_reported(workers):
         assert res.converged and res.recoveries == 1 and res.products_redone == 1     # checkpoint at 6, lost at 7
         for end in ("LA", "SA"):
             np.testing.assert_allclose(res.pairs[end].values, clean.pairs[end].values, rtol=1e-9)
+    finally:
+        group.shutdown()
+
+
+def nan_in_rank_1(rank: int, world_size: int):
+    """Strided shards with one NaN input on rank 1, in its second batch (the first passes the
+    start-up check)."""
+    x, y = helpers.digits_subset(N)
+    x, y = x[rank::world_size].clone(), y[rank::world_size]
+    if rank == 1:
+        x[-1, 0] = float("nan")
+    return x, y
+
+
+def test_an_error_on_one_rank_reaches_every_rank_and_leaves_the_group_clean():
+    """A NaN in one worker's shard: the user sees that rank's NonFiniteError at once (not after
+    the collective timeout the other rank would wait in), and the next collective call on the
+    same group lines up (an orphaned all-reduce would pair with it or block it)."""
+    import time
+    group = WorkerGroup(spec(data=nan_in_rank_1), 2, collective_timeout_s=300)
+    try:
+        op = DistributedOperator(group)
+        v = np.random.default_rng(0).standard_normal(op.n)
+        t0 = time.monotonic()
+        with pytest.raises(NonFiniteError, match="on rank 1"):
+            op.matvec(v)
+        basis = op.krylov_basis(capacity=4)              # a sharded basis: all-reduces on both ranks
+        assert basis.add_start(v) == pytest.approx(1.0)
+        assert basis.combine(np.eye(1)).ravel() == pytest.approx(v / np.linalg.norm(v))
+        assert time.monotonic() - t0 < 100 and not group.replacements     # far below the 300 s timeout
     finally:
         group.shutdown()
 

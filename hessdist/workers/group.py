@@ -22,7 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..errors import HessdistError, WorkerError
-from .worker import CurvatureWorker, OperatorSpec
+from .worker import CurvatureWorker, OperatorSpec, PeerFailed
 
 log = logging.getLogger(__name__)
 RemoteWorker = ray.remote(max_restarts=0)(CurvatureWorker)
@@ -183,8 +183,10 @@ class WorkerGroup:
                 raise WorkerLost(f"a worker died during {method}: {exc.__class__.__name__}") from exc
             except ray.exceptions.RayTaskError as exc:
                 cause = _cause(exc)
+                if isinstance(cause, PeerFailed):       # the failing rank's own error follows
+                    continue
                 if isinstance(cause, HessdistError):
-                    raise type(cause)(str(cause)) from None
+                    raise type(cause)(f"on rank {refs.index(done[0])}: {cause}") from None
                 if isinstance(cause, (RuntimeError, torch.distributed.DistError)) and _is_collective(cause):
                     raise WorkerLost(f"a collective failed during {method}: {cause}") from exc
                 raise

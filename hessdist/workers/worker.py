@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from ..data import is_ray_dataset, load_shard
-from ..curvature import CurvatureOperator
+from ..curvature import Agreement, CurvatureOperator
+from ..errors import HessdistError
 from ..imports import resolve
 from ..losses import LossFn
 from .basis import MissingBasis, SliceBasis
@@ -46,7 +47,8 @@ class OperatorSpec:
     data_columns: tuple[str, str] | None = None
 
     def build(self, rank: int, world_size: int, device: torch.device,
-              reducer: Callable[[torch.Tensor], None] | None = None) -> CurvatureOperator:
+              reducer: Callable[[torch.Tensor], None] | None = None,
+              agree: Agreement | None = None) -> CurvatureOperator:
         model_fn = resolve(self.model) if isinstance(self.model, str) else self.model
         if isinstance(self.data, RayShards):
             shard = self.data.shards[rank]
@@ -55,7 +57,7 @@ class OperatorSpec:
         return CurvatureOperator(model_fn(), self.loss, shard,
                                  curvature=self.curvature, mode=self.mode, batch_size=self.batch_size,
                                  dtype=getattr(torch, self.dtype), device=device, params=self.params,
-                                 eval_mode=self.eval_mode, reducer=reducer, compiled=self.compiled,
+                                 eval_mode=self.eval_mode, reducer=reducer, agree=agree, compiled=self.compiled,
                                  channels_last=self.channels_last, tf32=self.tf32, placement=self.placement,
                                  loader_workers=self.loader_workers, data_columns=self.data_columns)
 
@@ -82,6 +84,25 @@ def free_port() -> int:
 
 def _all_reduce_sum(t: torch.Tensor) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class PeerFailed(HessdistError):
+    """Another rank failed the same call; its own error is the one the driver reports."""
+
+
+def _agree_across_ranks(device: torch.device) -> Agreement:
+    """Every rank says whether its local part failed (one flag per rank, all-reduced) before any
+    sum: a failure anywhere then raises everywhere — the failing rank's own error there, PeerFailed
+    on the others — and no rank is left inside a collective its peers never enter."""
+    def agree(error: BaseException | None) -> None:
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+        flags[dist.get_rank()] = error is not None
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        if error is not None:
+            raise error
+        if flags.any():
+            raise PeerFailed(f"rank(s) {flags.nonzero().flatten().tolist()} failed the same pass")
+    return agree
 
 
 class CurvatureWorker:
@@ -114,7 +135,8 @@ class CurvatureWorker:
         dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         self.rank = rank
-        self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum)
+        self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum,
+                                  agree=_agree_across_ranks(self.device))
         self.subsets = {1.0: self.op}
         return self.op.n, self.op.n_samples
 

@@ -1,0 +1,85 @@
+"""The user's problem on paper: ResNet-18 (11.2M parameters) on 50,000 CIFAR images, both ends
+at the contract after each epoch, on 1, 2, 4 and 8 GPUs — a PROJECTION, not a measurement.
+
+Inputs, each from a measured JSON file:
+
+* full-data product equivalents per epoch: the median after the first epoch and the first
+  (cold) epoch of the per-epoch loop (epochs.json; the count depends on the spectrum, which a
+  narrower ResNet on real data stands in for);
+* one product ÷ one gradient for ResNet-18 in the mode ``auto`` picks, one column
+  (product_cost.json; measured on the machine named there);
+* one full-data product on one GPU, in seconds: headline.json's when it was measured on a GPU,
+  else the ratio above times ``--gradient-seconds`` when given (stated as the user's figure),
+  else unknown.
+
+Without a GPU figure it reports what it can without one: the work per epoch in full-data
+gradient passes, and the longest full-data gradient pass on one GPU for which a solve still
+fits the minute on W GPUs (products split W ways; collectives and basis work left out — on CPU
+they added 9% at W=1, ray_scaling.json). The bytes each product moves between GPUs are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .common import RESULTS, write
+
+GPUS = (1, 2, 4, 8)
+N_PARAMS = 11_173_962            # ResNet-18 for CIFAR-10 (hessdist.models.resnet18_cifar)
+BUDGET_S = 60.0
+
+
+def _load(name: str) -> dict | None:
+    path = os.path.join(RESULTS, f"{name}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def product_ratio(pc: dict) -> tuple[float, str]:
+    """Product ÷ gradient for ResNet-18, one column, eager, in the mode auto chose."""
+    row = next(r for r in pc["rows"] if r["problem"] == "resnet18-cifar")
+    c = next(c for c in row["configs"] if c["mode"] == row["auto_mode"] and c["k"] == 1
+             and not c["compiled"] and not c["channels_last"])
+    return c["ratio_to_gradient"], f"{row['auto_mode']} mode, measured on {row['device']} ({pc['machine']['date']})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gradient-seconds", type=float,
+                    help="one full-data (50,000 images) gradient pass on one GPU, if you measured it")
+    args = ap.parse_args(argv)
+    ep, pc, hl = _load("epochs"), _load("product_cost"), _load("headline")
+    if not ep or not pc:
+        raise SystemExit("needs benchmarks/results/epochs.json and product_cost.json: run those benchmarks first")
+    ratio, ratio_note = product_ratio(pc)
+    fpe = {"warm (median after the first epoch)": ep["summary"]["median_fpe_after_first"],
+           "cold (first epoch)": ep["summary"]["first_epoch_fpe"]}
+    if hl and hl.get("status") == "measured":
+        product_s, product_note = hl["seconds_per_product"], f"measured on {hl['gpu']} (headline.json)"
+    elif args.gradient_seconds:
+        product_s = ratio * args.gradient_seconds
+        product_note = f"{ratio:.2f} × --gradient-seconds {args.gradient_seconds} (given, not measured here)"
+    else:
+        product_s, product_note = None, "not measured (no GPU lent): pass --gradient-seconds or run headline on a GPU"
+    rows = []
+    for case, f in fpe.items():
+        rows.append({"case": case, "fpe": f, "gradient_passes": f * ratio,
+                     "max_product_seconds_for_the_minute": {w: BUDGET_S * w / f for w in GPUS},
+                     "max_gradient_seconds_for_the_minute": {w: BUDGET_S * w / (f * ratio) for w in GPUS},
+                     "seconds_per_epoch": {w: f * product_s / w for w in GPUS} if product_s else None})
+    write("projection", {
+        "label": "PROJECTION from measured inputs, not a measurement",
+        "problem": f"ResNet-18 ({N_PARAMS:,} parameters), 50,000 CIFAR-10 images",
+        "inputs": {"fpe_from": f"epochs.json ({ep['config']['data']}, {ep['config']['n_params']:,} parameters, "
+                               f"{ep['machine']['date']})",
+                   "product_over_gradient": ratio, "product_over_gradient_from": ratio_note,
+                   "product_seconds_one_gpu": product_s, "product_seconds_from": product_note},
+        "left_out": "collectives and basis work (CPU: +9% at W=1, ray_scaling.json); data loading; the first "
+                    "call's CUDA warm-up",
+        "bytes_between_gpus_per_product": {w: 2 * 8 * N_PARAMS * (w - 1) // w for w in GPUS if w > 1},
+        "bytes_note": "reduce-scatter of the partial product + all-gather of the next vector, float64, per GPU",
+        "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
