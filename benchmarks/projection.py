@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs benchmarks/results/epochs.json and product_cost.json: run those benchmarks first")
     ratio, ratio_note = product_ratio(pc)
     fpe = {"warm (median after the first epoch)": ep["summary"]["median_fpe_after_first"],
-           "cold (first epoch)": ep["summary"]["first_epoch_fpe"]}
+           "cold (first epoch)": ep["summary"]["first_epoch_fpe"],
+           "worst epoch": max(r["hessdist"]["fpe"] for r in ep["rows"])}
     if hl and hl.get("status") == "measured":
         product_s, product_note = hl["seconds_per_product"], f"measured on {hl['gpu']} (headline.json)"
     elif args.gradient_seconds:

@@ -188,6 +188,44 @@ def test_killed_worker_mid_solve_same_eigenvalues_lost_work_reported(workers):
         group.shutdown()
 
 
+def refusing_data(marker: str, rank: int, world_size: int):
+    """The strided shard, unless the file ``marker`` exists (then building the worker fails)."""
+    if os.path.exists(marker):
+        raise RuntimeError(f"{marker} exists: this worker refuses to start")
+    return helpers.digits_subset(N)
+
+
+def test_restart_budget_is_per_time_window_and_a_failed_rebuild_is_retried(tmp_path):
+    """max_restarts counts rebuilds in the last restart_window_s seconds, not in the group's
+    life; a rebuild that fails (a worker cannot start) leaves no actors, and the next call
+    rebuilds and answers."""
+    import time
+    marker = str(tmp_path / "refuse")
+    group = WorkerGroup(spec(data=functools.partial(refusing_data, marker)), 1, max_restarts=1,
+                        restart_window_s=600, collective_timeout_s=20)
+    try:
+        op = DistributedOperator(group)
+        v = np.random.default_rng(0).standard_normal(op.n)
+        want = op.matvec(v)
+        ray.kill(group.actors[0])
+        np.testing.assert_array_equal(op.matvec(v), want)                  # rebuilt once
+        ray.kill(group.actors[0])
+        with pytest.raises(WorkerError, match="rebuilt 1 times in the last 600 s"):
+            op.matvec(v)                                                   # twice within the window: refused
+        group.restart_window_s = 1                                         # a short window, and let it pass
+        time.sleep(1.5)
+        open(marker, "w").close()
+        with pytest.raises(WorkerError, match="refuses to start"):
+            op.matvec(v)                                                   # allowed again; the rebuild fails
+        assert group.actors == []
+        os.remove(marker)
+        time.sleep(1.5)
+        np.testing.assert_array_equal(op.matvec(v), want)                  # the next call rebuilds and answers
+        assert len(group.replacements) == 3
+    finally:
+        group.shutdown()
+
+
 def nan_in_rank_1(rank: int, world_size: int):
     """Strided shards with one NaN input on rank 1, in its second batch (the first passes the
     start-up check)."""

@@ -88,8 +88,8 @@ class WorkerGroup:
     """``workers`` actors, each with ``gpus_per_worker`` GPUs (0: CPU, gloo) and a data shard."""
 
     def __init__(self, spec: OperatorSpec, workers: int = 2, *, gpus_per_worker: float = 0,
-                 cpus_per_worker: float = 1, max_restarts: int = 3, start_timeout_s: float = 120,
-                 call_timeout_s: float = 1800, collective_timeout_s: float = 600,
+                 cpus_per_worker: float = 1, max_restarts: int = 3, restart_window_s: float = 600,
+                 start_timeout_s: float = 120, call_timeout_s: float = 1800, collective_timeout_s: float = 600,
                  runtime_env: dict | None = None):
         if workers < 1:
             raise WorkerError(f"a worker group needs at least one worker, got {workers}")
@@ -98,10 +98,11 @@ class WorkerGroup:
         self.spec, self.size = spec, workers
         self._worker_spec = spec.split_for(workers)     # a ray.data dataset: split once, kept for rebuilds
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
-        self.max_restarts, self.start_timeout_s = max_restarts, start_timeout_s
+        self.max_restarts, self.restart_window_s, self.start_timeout_s = max_restarts, restart_window_s, start_timeout_s
         self.call_timeout_s, self.collective_timeout_s = call_timeout_s, collective_timeout_s
         self.runtime_env = runtime_env
         self.replacements: list[str] = []        # one entry per rebuild, saying why
+        self._rebuilt_at: list[float] = []       # when (monotonic): the restart budget is per time window
         self._state_ref = None
         self.actors: list[Any] = []
         self._pg = None
@@ -136,6 +137,7 @@ class WorkerGroup:
                               for r, a in enumerate(self.actors)], timeout=self.start_timeout_s)
         except ray.exceptions.RayTaskError as exc:
             self._teardown(actors)
+            self.actors = []
             cause = _cause(exc)
             if isinstance(cause, HessdistError):
                 raise type(cause)(f"on a worker: {cause}") from None
@@ -143,6 +145,7 @@ class WorkerGroup:
                               "run from the directory that holds it or install it on every node") from exc
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             self._teardown(actors)
+            self.actors = []
             raise WorkerError(f"workers did not start within {self.start_timeout_s:.0f} s: {exc}") from exc
         self.n, self.n_samples = joined[0]
         if self._state_ref is not None:
@@ -161,11 +164,16 @@ class WorkerGroup:
         self.actors = []
 
     def rebuild(self, reason: str) -> None:
-        """Replace the whole group (new actors, port and process group) and re-send the parameters."""
+        """Replace the whole group (new actors, port and process group) and re-send the parameters.
+        A rebuild that fails leaves no actors; the next call tries again."""
         log.warning("rebuilding the worker group: %s", reason)
         self._teardown(self.actors)
-        self._start()
+        self.actors = []
         self.replacements.append(reason)
+        try:
+            self._start()
+        finally:
+            self._rebuilt_at.append(time.monotonic())
 
     # -- calls --------------------------------------------------------------------------------
     def _call(self, method: str, *args: Any) -> list[Any]:
@@ -193,16 +201,22 @@ class WorkerGroup:
         return ray.get(refs)
 
     def run(self, method: str, *args: Any) -> list[Any]:
-        """``_call`` with recovery: on a lost worker, rebuild and retry (at most
-        ``max_restarts`` times in this group's life), then raise WorkerError."""
+        """``_call`` with recovery: on a lost worker (or no workers, after a rebuild that failed),
+        rebuild and retry — at most ``max_restarts`` rebuilds within any ``restart_window_s``
+        seconds, so a long-lived service is not worn out by failures days apart — then raise
+        WorkerError."""
         while True:
             try:
+                if not self.actors:
+                    raise WorkerLost("the last rebuild of the worker group failed")
                 return self._call(method, *args)
             except WorkerLost as exc:
-                if len(self.replacements) >= self.max_restarts:
-                    raise WorkerError(f"{exc}; the worker group was already rebuilt "
-                                      f"{len(self.replacements)} times (max_restarts). Check the workers' "
-                                      "logs for out-of-memory kills or lost nodes") from exc
+                now = time.monotonic()
+                recent = sum(1 for t in self._rebuilt_at if now - t < self.restart_window_s)
+                if recent >= self.max_restarts:
+                    raise WorkerError(f"{exc}; the worker group was already rebuilt {recent} times in the last "
+                                      f"{self.restart_window_s:.0f} s (max_restarts). Check the workers' logs for "
+                                      "out-of-memory kills or lost nodes") from exc
                 self.rebuild(str(exc))
 
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
