@@ -173,6 +173,18 @@ except hessdist.InputError as exc:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no hessdist service named 'svc'" in proc.stderr
 
+    # the history rendered for a person: a PNG and a summary (no cluster needed)
+    proc = subprocess.run(HESSDIST + ["report", str(out_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 solves, steps 0 to 4" in proc.stdout and "warm vs cold (compare_cold, 1 solves)" in proc.stdout
+    assert (out_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "report.txt").read_text().startswith("5 solves")
+
+
+def test_report_without_a_history_names_the_fix(tmp_path):
+    proc = subprocess.run(HESSDIST + ["report", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no history.jsonl" in proc.stderr and "--out-dir" in proc.stderr
+
 
 def test_explicit_address_presents_the_token(tmp_path):
     """A token made with `ray get-auth-token --generate` (written to ~/.ray/auth_token), then a plain

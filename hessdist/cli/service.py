@@ -1,4 +1,5 @@
-"""``hessdist serve | status | scale | stop``: the named eigen-service on a Ray cluster."""
+"""``hessdist serve | status | scale | stop | report``: the named eigen-service on a Ray cluster, and
+its history rendered for a person."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,14 @@ def cmd_manage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import render
+    path, text = render(args.out_dir, args.png)
+    print(text)
+    print(f"wrote {path} and report.txt beside it")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start a named, detached eigen-service on a Ray cluster")
     add_problem_options(p)
@@ -55,3 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         if name == "scale":
             p.add_argument("--workers", type=int, required=True)
         p.set_defaults(func=cmd_manage)
+    p = sub.add_parser("report", help="render a service's history (OUT_DIR/history.jsonl) as a PNG and a summary")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--png", help="where to write the figure (default OUT_DIR/report.png)")
+    p.set_defaults(func=cmd_report)
