@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 
 import numpy as np
 import torch
@@ -15,7 +16,6 @@ from torch.func import functional_call, jacrev
 from hessdist.examples import digits, train_full_batch
 from hessdist.models import ResNet
 from hessdist.operator import Operator
-
 
 
 def digits_subset(n: int = 120):
@@ -37,6 +37,22 @@ def cnn_bn(seed: int = 0) -> nn.Module:
         nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Flatten(), nn.Linear(64, 10)).double()
     return _with_running_stats(model)
+
+
+class Slow(nn.Module):
+    """``inner`` with a pause in every forward pass: products slow enough to be interrupted."""
+
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def slow_cnn_bn(seconds: float = 0.2) -> nn.Module:
+    return Slow(cnn_bn(), seconds)
 
 
 def resnet_small(seed: int = 0) -> nn.Module:

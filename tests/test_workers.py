@@ -188,6 +188,37 @@ def test_killed_worker_mid_solve_same_eigenvalues_lost_work_reported(workers):
         group.shutdown()
 
 
+def test_a_death_inside_a_collective_recovers_in_seconds():
+    """Kill a worker while a product's collective is in flight (rank 0 still computes its four
+    slow batches; the killed rank, done with its one, waits in the sum): the driver sees the
+    death at once, the rebuild kills the survivor blocked in the collective, and the solve
+    continues from its checkpoint — long before the 300 s collective timeout, with the
+    eigenvalues of an uninterrupted in-process solve."""
+    import threading
+    import time
+    group = WorkerGroup(spec(model=helpers.slow_cnn_bn, data=lopsided_data), 3, collective_timeout_s=300)
+    try:
+        op = DistributedOperator(group)
+        killed = []
+
+        def kill_during_next_product(info):
+            if info["hvps"] == 5 and not killed:
+                killed.append(group.actors[1])
+                threading.Timer(0.4, ray.kill, args=(group.actors[1],)).start()
+
+        t0 = time.monotonic()
+        res = lanczos(op, which="LA,SA", k=1, tol=1e-8, seed=3, checkpoint_every=2, callback=kill_during_next_product)
+        seconds = time.monotonic() - t0
+        assert killed and len(group.replacements) == 1 and res.recoveries == 1
+        assert seconds < 150, seconds
+        ref = lanczos(CurvatureOperator(helpers.cnn_bn(), "cross_entropy", helpers.digits_subset(N), batch_size=32,
+                                        dtype=torch.float64), which="LA,SA", k=1, tol=1e-8, seed=3)
+        for end in ("LA", "SA"):
+            np.testing.assert_allclose(res.pairs[end].values, ref.pairs[end].values, rtol=1e-7)
+    finally:
+        group.shutdown()
+
+
 def refusing_data(marker: str, rank: int, world_size: int):
     """The strided shard, unless the file ``marker`` exists (then building the worker fails)."""
     if os.path.exists(marker):
