@@ -386,3 +386,50 @@ print(json.dumps(out))
     assert got["asked"] == [2, 1, "2 worker(s) with 1 GPU each"]
     assert got["cpu"][:2] == [2, 0]
     assert "not a whole number of GPUs" in got["fraction"] and "NCCL" in got["fraction"]
+
+
+def test_a_lost_node_shrinks_the_group_and_the_solve_finishes():
+    """A multi-node cluster simulated on this machine (a head without CPUs, a 2-CPU node and a
+    1-CPU node): three ranks over both nodes; the 1-CPU node is removed mid-solve; the group is
+    rebuilt on what is left — two workers, the data re-sharded — and the solve finishes with the
+    eigenvalues of the in-process solve, saying what happened. Run in a process of its own."""
+    import json
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(tests_dir)!r})
+import ray
+from ray.cluster_utils import Cluster
+from hessdist.workers import DistributedOperator, WorkerGroup, connect
+from hessdist.solvers.lanczos import lanczos
+from tests.test_workers import spec
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 0}})
+cluster.add_node(num_cpus=2)
+lose = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+connect(cluster.address, runtime_env={{"py_modules": [{tests_dir!r}]}})
+group = WorkerGroup(spec(), 3, min_workers=1, start_timeout_s=30, collective_timeout_s=60)
+nodes = len({{p["node_id"] for p in group.placements}})
+removed = []
+def remove_node(info):
+    if info["hvps"] == 5 and not removed:
+        removed.append(cluster.remove_node(lose))
+res = lanczos(DistributedOperator(group), which="LA,SA", k=1, tol=1e-9, seed=5, checkpoint_every=2,
+              callback=remove_node)
+print(json.dumps({{"LA": res.pairs["LA"].values.tolist(), "SA": res.pairs["SA"].values.tolist(),
+                  "nodes_before": nodes, "workers": group.size, "replacements": group.replacements,
+                  "recoveries": res.recoveries, "converged": res.converged}}))
+group.shutdown()
+ray.shutdown()
+cluster.shutdown()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["nodes_before"] == 2 and got["workers"] == 2 and got["recoveries"] == 1 and got["converged"]
+    assert len(got["replacements"]) == 1 and "shrunk from 3 to 2 workers" in got["replacements"][0]
+    ref = lanczos(in_process(), which="LA,SA", k=1, tol=1e-9, seed=5)
+    for end in ("LA", "SA"):
+        np.testing.assert_allclose(got[end], ref.pairs[end].values, rtol=1e-8)

@@ -23,7 +23,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers, gpus, chosen = worker_layout(args.workers, args.gpus_per_worker)
     _say(f"starting the service with {chosen} ...")
     out_dir = args.out_dir or os.path.join("hessdist-out", args.name)
-    handle = service.start(args.name, spec, workers, out_dir, gpus_per_worker=gpus)
+    handle = service.start(args.name, spec, workers, out_dir, gpus_per_worker=gpus,
+                           group_options={"min_workers": args.min_workers})
     print(json.dumps(handle.status(), indent=2))
     return 0
 

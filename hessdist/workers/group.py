@@ -62,23 +62,33 @@ TOKEN_HINT = ("Supply the cluster's token (`ray get-auth-token` on the head prin
 
 
 def _present_token(address: str) -> None:
-    """Token authentication, on for ``ray start --head`` since Ray 2.59. Ray presents a token by
-    itself only to a cluster it found (``auto``); for an explicit address, turn token mode on when
-    a token is available the ways Ray documents (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token; an explicit RAY_AUTH_MODE is respected), then ask the cluster's GCS once:
-    a missing or wrong token fails here in milliseconds, where ray.init retries the handshake for
-    ~20 s and then blames the address. (Ray 2.60 internals, pinned in pyproject.toml.)"""
+    """Token authentication, on for ``ray start --head`` when a token exists (Ray 2.59+). Ray
+    presents a token by itself only to a cluster it found (``auto``). For an explicit address,
+    ask the cluster's GCS once as configured; if it demands a token and RAY_AUTH_MODE is unset,
+    turn token mode on when a token is available the ways Ray documents (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and ask again. A cluster without token auth is left
+    alone (token mode towards it breaks its workers). A missing or wrong token fails here in
+    milliseconds, where ray.init retries the handshake for ~20 s and then blames the address.
+    (Ray 2.60 internals, pinned in pyproject.toml.)"""
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    from ray._raylet import GcsClient
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    if _gcs_accepts(address) or (maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+                                 and _gcs_accepts(address)):
+        return
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    found = "the token this driver presented was rejected" if mode == "token" else "this driver found no token"
+    raise WorkerError(f"the Ray cluster at --address {address!r} requires token authentication and {found} "
+                      f"(RAY_AUTH_MODE={mode}). {TOKEN_HINT}")
+
+
+def _gcs_accepts(address: str) -> bool:
+    """Whether the GCS at ``address`` accepts this driver's credentials (False: it wants a token)."""
+    from ray._raylet import GcsClient
     try:
         GcsClient(address=address)
-    except ray.exceptions.AuthenticationError as exc:
-        mode = os.environ.get("RAY_AUTH_MODE", "unset")
-        found = "the token this driver presented was rejected" if mode == "token" else "this driver found no token"
-        raise WorkerError(f"the Ray cluster at --address {address!r} requires token authentication and {found} "
-                          f"(RAY_AUTH_MODE={mode}). {TOKEN_HINT}") from None
+        return True
+    except ray.exceptions.AuthenticationError:
+        return False
     except Exception as exc:              # not a GCS at all: ray.init would fail the same way, slower
         raise WorkerError(f"no Ray cluster answered at --address {address!r} ({exc}). Check host and port "
                           "(the head's GCS port, 6379 unless `ray start --port` said otherwise)") from None
@@ -88,14 +98,18 @@ class WorkerGroup:
     """``workers`` actors, each with ``gpus_per_worker`` GPUs (0: CPU, gloo) and a data shard."""
 
     def __init__(self, spec: OperatorSpec, workers: int = 2, *, gpus_per_worker: float = 0,
-                 cpus_per_worker: float = 1, max_restarts: int = 3, restart_window_s: float = 600,
+                 cpus_per_worker: float = 1, min_workers: int | None = None, max_restarts: int = 3,
+                 restart_window_s: float = 600,
                  start_timeout_s: float = 120, call_timeout_s: float = 1800, collective_timeout_s: float = 600,
                  runtime_env: dict | None = None):
         if workers < 1:
             raise WorkerError(f"a worker group needs at least one worker, got {workers}")
         if not ray.is_initialized():
             raise WorkerError("Ray is not initialised: call hessdist.workers.connect() first")
+        if min_workers is not None and not 1 <= min_workers <= workers:
+            raise WorkerError(f"min_workers must lie between 1 and workers = {workers}, got {min_workers}")
         self.spec, self.size = spec, workers
+        self.min_workers = workers if min_workers is None else min_workers
         self._worker_spec = spec.split_for(workers)     # a ray.data dataset: split once, kept for rebuilds
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
         self.max_restarts, self.restart_window_s, self.start_timeout_s = max_restarts, restart_window_s, start_timeout_s
@@ -127,9 +141,10 @@ class WorkerGroup:
         ).remote(self._worker_spec) for i in range(self.size)]
         try:
             places = ray.get([a.placement.remote() for a in actors], timeout=self.start_timeout_s)
-            order = sorted(range(self.size), key=lambda i: (places[i][0], places[i][1]))
+            order = sorted(range(self.size), key=lambda i: places[i][:3])
             self.actors = [actors[i] for i in order]
-            self.placements = [{"rank": r, "node": places[i][0], "gpus": places[i][1], "pid": places[i][2]}
+            self.placements = [{"rank": r, "node": places[i][0], "node_id": places[i][1], "gpus": places[i][2],
+                                "pid": places[i][3]}
                                for r, i in enumerate(order)]
             master = places[order[0]][0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=self.start_timeout_s)
@@ -165,15 +180,39 @@ class WorkerGroup:
 
     def rebuild(self, reason: str) -> None:
         """Replace the whole group (new actors, port and process group) and re-send the parameters.
-        A rebuild that fails leaves no actors; the next call tries again."""
+        When the cluster can no longer hold every worker (a node was lost), shrink to the workers
+        its live nodes hold, down to ``min_workers``; the data are re-sharded over them. A rebuild
+        that fails leaves no actors; the next call tries again."""
         log.warning("rebuilding the worker group: %s", reason)
         self._teardown(self.actors)
         self.actors = []
         self.replacements.append(reason)
         try:
-            self._start()
+            try:
+                self._start()
+            except WorkerError as exc:
+                fits = self._workers_that_fit()
+                if not self.min_workers <= fits < self.size:
+                    raise
+                log.warning("shrinking the worker group from %d to %d workers: %s", self.size, fits, exc)
+                self.replacements[-1] += f"; shrunk from {self.size} to {fits} workers (the cluster holds no more)"
+                self.size, self._worker_spec = fits, self.spec.split_for(fits)
+                self._start()
         finally:
             self._rebuilt_at.append(time.monotonic())
+
+    def _workers_that_fit(self) -> int:
+        """Workers of this shape the cluster's live nodes can hold, all their resources counted."""
+        total = 0
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            have = node.get("Resources", {})
+            fits = int(have.get("CPU", 0) // self.cpus) if self.cpus else self.size
+            if self.gpus:
+                fits = min(fits, int(have.get("GPU", 0) // self.gpus))
+            total += fits
+        return total
 
     # -- calls --------------------------------------------------------------------------------
     def _call(self, method: str, *args: Any) -> list[Any]:

@@ -120,10 +120,11 @@ class CurvatureWorker:
         self.rank = -1
 
     # -- set-up -------------------------------------------------------------------------------
-    def placement(self) -> tuple[str, list[str], int]:
-        """(node IP, GPU ids, process id): ranks are ordered by node, then GPU."""
+    def placement(self) -> tuple[str, str, list[str], int]:
+        """(node IP, node id, GPU ids, process id): ranks are ordered by node, then GPU."""
         import ray
-        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()], os.getpid()
+        return (ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(),
+                [str(g) for g in ray.get_gpu_ids()], os.getpid())
 
     def free_port(self) -> int:
         return free_port()
