@@ -150,7 +150,7 @@ class EigenService:
     # -- management ---------------------------------------------------------------------------
     def status(self) -> dict:
         latest = self.history[-1] if self.history else None
-        return {"workers": self.group.size, "gpus_per_worker": self.group.gpus,
+        return {"workers": self.group.size, "gpus_per_worker": self.group.gpus, "pid": os.getpid(),
                 "n_params": self.op.n, "n_samples": self.op.n_samples,
                 "queued": [request[2] for request in list(self._queue)],
                 "running": self.running, "solves": len(self.history), "last_error": self.last_error,
@@ -175,7 +175,10 @@ class EigenService:
         self.group.shutdown()
 
 
-RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0,
+#: a service that dies (its node lost, its process killed) is restarted by Ray up to this many
+#: times; it reloads history and eigenvectors from its out-dir and builds a new worker group
+SERVICE_RESTARTS = 3
+RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=SERVICE_RESTARTS,
                            concurrency_groups={"wait": 256})(EigenService)
 
 
@@ -239,6 +242,10 @@ class ServiceHandle:
             if isinstance(cause, HessdistError):
                 raise type(cause)(str(cause)) from None
             raise
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerError(f"the service {self.name!r} died while this request was queued or running "
+                              f"({type(exc).__name__}); it restarts by itself (up to {SERVICE_RESTARTS} times) and "
+                              "reloads its history from its out-dir: submit this step again") from None
 
     def history(self) -> list[dict]:
         return ray.get(self.actor.history_entries.remote())

@@ -167,6 +167,32 @@ except hessdist.InputError as exc:
     print(json.dumps({"error": str(exc), "status": h.status()}))
 """)
     assert "already in the history" in got["error"] and got["status"]["last_error"]["step"] == 4
+
+    # the service's own process killed mid-solve: the waiting trainer gets a clear error (no hang);
+    # Ray restarts the service, which reloads its history and warm-starts the next solve
+    got = driver(cluster, TRAINER + """
+import os, signal, time
+fut = h.submit(nudged(5), step=5, tol=1e-12, max_hvps=400)
+while h.status()["running"] is None:
+    time.sleep(0.05)
+os.kill(h.status()["pid"], signal.SIGKILL)
+try:
+    h.result(fut, timeout_s=120)
+    error = None
+except hessdist.WorkerError as exc:
+    error = str(exc)
+for _ in range(240):
+    try:
+        status = h.status(timeout_s=5)
+        break
+    except Exception:
+        time.sleep(0.5)
+r = h.result(h.submit(nudged(5), step=5, rtol={"LA": 1e-3, "SA": 1e-2}))
+print(json.dumps({"error": error, "solves": status["solves"], "warm": r["warm_start"],
+                  "steps": [e["step"] for e in h.history()]}))
+""")
+    assert "died while this request was queued or running" in got["error"] and "submit this step again" in got["error"]
+    assert got["solves"] == 5 and got["warm"] and got["steps"] == [0, 1, 2, 3, 4, 5]
     subprocess.run(HESSDIST + ["stop", "--name", "svc", "--address", cluster], check=True, timeout=120,
                    capture_output=True)
     proc = subprocess.run(HESSDIST + ["status", "--name", "svc", "--address", cluster],
@@ -176,9 +202,9 @@ except hessdist.InputError as exc:
     # the history rendered for a person: a PNG and a summary (no cluster needed)
     proc = subprocess.run(HESSDIST + ["report", str(out_dir)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "5 solves, steps 0 to 4" in proc.stdout and "warm vs cold (compare_cold, 1 solves)" in proc.stdout
+    assert "6 solves, steps 0 to 5" in proc.stdout and "warm vs cold (compare_cold, 1 solves)" in proc.stdout
     assert (out_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out_dir / "report.txt").read_text().startswith("5 solves")
+    assert (out_dir / "report.txt").read_text().startswith("6 solves")
 
 
 def test_report_without_a_history_names_the_fix(tmp_path):
@@ -224,3 +250,28 @@ def test_explicit_address_presents_the_token(tmp_path):
             assert says in proc.stderr and "RAY_AUTH_TOKEN_PATH" in proc.stderr
             assert time.monotonic() - t0 < 30         # interpreter start and imports included
         assert run(["stop", "--name", "tok"], {"HOME": str(home)}, timeout=120).returncode == 0
+
+
+def test_a_killed_cli_driver_leaves_no_workers_behind(cluster):
+    """`hessdist eigs --address` killed mid-solve: Ray's ownership removes its worker actors and
+    their placement group; every CPU it reserved comes back."""
+    got = driver(cluster, f"""
+import os, signal, subprocess, sys, time
+free = lambda: ray.available_resources().get("CPU", 0)
+baseline = free()
+cli = subprocess.Popen({HESSDIST!r} + ["eigs", "--example", "digits-mlp", "--workers", "2", "--address", {cluster!r},
+                                       "--tol", "1e-14", "--max-hvps", "100000", "--quiet"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+deadline = time.monotonic() + 240
+while free() > baseline - 2 and time.monotonic() < deadline:
+    time.sleep(0.2)
+held = baseline - free()
+time.sleep(2)                                   # mid-solve
+cli.send_signal(signal.SIGKILL)
+cli.wait()
+t0 = time.monotonic()
+while free() < baseline and time.monotonic() - t0 < 120:
+    time.sleep(0.5)
+print(json.dumps({{"baseline": baseline, "held": held, "after": free(), "seconds": time.monotonic() - t0}}))
+""")
+    assert got["held"] >= 2 and got["after"] == got["baseline"], got
