@@ -120,10 +120,12 @@ class WorkerGroup:
         self._state_ref = None
         self.actors: list[Any] = []
         self._pg = None
-        self._start()
+        shrunk = self._start()
+        if shrunk:
+            log.warning("started %s", shrunk)
 
     # -- life cycle ---------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start_group(self) -> None:
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         self._pg = placement_group([bundle] * self.size, strategy="PACK")
         try:
@@ -188,18 +190,27 @@ class WorkerGroup:
         self.actors = []
         self.replacements.append(reason)
         try:
-            try:
-                self._start()
-            except WorkerError as exc:
-                fits = self._workers_that_fit()
-                if not self.min_workers <= fits < self.size:
-                    raise
-                log.warning("shrinking the worker group from %d to %d workers: %s", self.size, fits, exc)
-                self.replacements[-1] += f"; shrunk from {self.size} to {fits} workers (the cluster holds no more)"
-                self.size, self._worker_spec = fits, self.spec.split_for(fits)
-                self._start()
+            shrunk = self._start()
+            if shrunk:
+                self.replacements[-1] += f"; {shrunk}"
         finally:
             self._rebuilt_at.append(time.monotonic())
+
+    def _start(self) -> str | None:
+        """Start ``size`` workers, or, when the cluster cannot hold them, as many as its live nodes
+        hold down to ``min_workers`` (the data re-sharded over them). Returns what was shrunk."""
+        try:
+            self._start_group()
+            return None
+        except WorkerError as exc:
+            fits = self._workers_that_fit()
+            if not self.min_workers <= fits < self.size:
+                raise
+            log.warning("shrinking the worker group from %d to %d workers: %s", self.size, fits, exc)
+            shrunk = f"shrunk from {self.size} to {fits} workers (the cluster holds no more)"
+            self.size, self._worker_spec = fits, self.spec.split_for(fits)
+            self._start_group()
+            return shrunk
 
     def _workers_that_fit(self) -> int:
         """Workers of this shape the cluster's live nodes can hold, all their resources counted."""
