@@ -276,3 +276,90 @@ while free() < baseline and time.monotonic() - t0 < 120:
 print(json.dumps({{"baseline": baseline, "held": held, "after": free(), "seconds": time.monotonic() - t0}}))
 """)
     assert got["held"] >= 2 and got["after"] == got["baseline"], got
+
+
+SERVICE_ON_NODES = """
+import json, os, sys, time
+import ray, torch
+from ray.cluster_utils import Cluster
+import hessdist
+from hessdist import service
+from hessdist.curvature import CurvatureOperator
+from hessdist.examples import get_example
+from hessdist.solvers.lanczos import lanczos
+from hessdist.workers import OperatorSpec, connect
+
+ex = get_example("digits-mlp")
+model, data = ex.model(), ex.data()
+ex.train(model, data)
+base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+def nudged(step):
+    state = {k: v.clone() for k, v in base.items()}
+    state["1.weight"] += 1e-3 * step * torch.ones_like(state["1.weight"])
+    return state
+
+def reference(step):
+    model.load_state_dict(nudged(step))
+    op = CurvatureOperator(model, "cross_entropy", data, dtype=torch.float64, batch_size=2048)
+    res = lanczos(op, which="LA,SA", k=1, rtol={"LA": 1e-10, "SA": 1e-8}, tol=1e-14, seed=0)
+    return {"largest": float(res.largest.values[0]), "smallest": float(res.smallest.values[0])}
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+big, small = cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+connect(cluster.address)
+spec = OperatorSpec(model="hessdist.models:digits_mlp", data="hessdist.examples:digits", batch_size=2048,
+                    dtype="float64")
+h = service.start("nodes", spec, 3, sys.argv[1], group_options={"min_workers": 1, "start_timeout_s": 15})
+
+def solve(step, during=None):
+    for attempt in range(3):
+        fut = h.submit(nudged(step), step=step, rtol={"LA": 1e-6, "SA": 1e-4})
+        if during and attempt == 0:
+            time.sleep(0.3)
+            during()
+        try:
+            return h.result(fut, timeout_s=600)
+        except hessdist.WorkerError as exc:       # the service's own node was lost: it restarted
+            assert "submit this step again" in str(exc), exc
+            for _ in range(600):
+                try:
+                    h.status(timeout_s=5)
+                    break
+                except Exception:
+                    time.sleep(0.5)
+
+results = [solve(0)]
+cluster.remove_node(small)                        # between solves
+results.append(solve(1))
+extra = cluster.add_node(num_cpus=1)
+results.append(solve(2, during=lambda: cluster.remove_node(big)))   # during a solve
+out = {"results": [{k: r[k] for k in ("step", "largest", "smallest", "intervals", "warm_start", "workers",
+                                      "workers_replaced")} for r in results],
+       "references": [reference(s) for s in (0, 1, 2)], "steps": [e["step"] for e in h.history()],
+       "workers": h.status()["workers"]}
+h.stop()
+ray.shutdown()
+cluster.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_service_across_node_losses_between_and_during_solves(tmp_path):
+    """The service on a simulated multi-node cluster (a head without CPUs, a 2-CPU and a 1-CPU
+    node): a node removed between two solves, another during a solve (a fresh node added
+    before it). Every answer arrives and its certified intervals contain the in-process float64
+    eigenvalues; the group shrinks to what is left; history and warm starts are intact."""
+    proc = subprocess.run([sys.executable, "-c", SERVICE_ON_NODES, str(tmp_path / "svc")], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["steps"] == [0, 1, 2]
+    assert [r["warm_start"] for r in got["results"]] == [False, True, True]
+    assert got["results"][0]["workers"] == 3 and got["results"][1]["workers"] == 2 and got["workers"] == 1
+    for r, ref in zip(got["results"], got["references"]):
+        for end in ("largest", "smallest"):
+            lo, hi = r["intervals"][end][0]
+            slack = 1e-9 * abs(ref[end])
+            assert lo - slack <= ref[end] <= hi + slack, (r["step"], end, ref[end], lo, hi)

@@ -126,6 +126,8 @@ class WorkerGroup:
 
     # -- life cycle ---------------------------------------------------------------------------
     def _start_group(self) -> None:
+        """Reserve ``size`` bundles, start one actor in each, order them by node and GPU, join
+        them into one process group and send them the parameters (if any were set)."""
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         self._pg = placement_group([bundle] * self.size, strategy="PACK")
         try:
