@@ -178,6 +178,8 @@ class EigenService:
 #: a service that dies (its node lost, its process killed) is restarted by Ray up to this many
 #: times; it reloads history and eigenvectors from its out-dir and builds a new worker group
 SERVICE_RESTARTS = 3
+#: how long a call on the service waits for it to come back from a restart
+RESTART_WAIT_S = 300
 RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=SERVICE_RESTARTS,
                            concurrency_groups={"wait": 256})(EigenService)
 
@@ -196,7 +198,7 @@ def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_wo
         spec, workers, out_dir, gpus_per_worker, group_options)
     handle = ServiceHandle(name, actor)
     try:
-        handle.status(timeout_s=timeout_s)
+        ray.get(actor.status.remote(), timeout=timeout_s)
     except ray.exceptions.RayActorError as exc:
         cause = exc.cause if hasattr(exc, "cause") and exc.cause else exc
         raise WorkerError(f"the service {name!r} failed to start: {cause}") from None
@@ -231,7 +233,7 @@ class ServiceHandle:
             raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")
         Accuracy.of(options.get("tol"), options.get("rtol"), parse_which(options.get("which", "LA,SA")))
         state = {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
-        rid = ray.get(self.actor.enqueue.remote(ray.put(state), step, options))
+        rid = self._ask("enqueue", ray.put(state), step, options)
         return self.actor.wait.remote(rid)
 
     def result(self, future: "ray.ObjectRef", timeout_s: float | None = None) -> dict:
@@ -248,13 +250,30 @@ class ServiceHandle:
                               "reloads its history from its out-dir: submit this step again") from None
 
     def history(self) -> list[dict]:
-        return ray.get(self.actor.history_entries.remote())
+        return self._ask("history_entries")
 
     def status(self, timeout_s: float | None = 60) -> dict:
-        return ray.get(self.actor.status.remote(), timeout=timeout_s)
+        return self._ask("status", timeout_s=timeout_s)
 
     def scale(self, workers: int) -> dict:
-        return ray.get(self.actor.scale.remote(workers))
+        return self._ask("scale", workers)
+
+    def _ask(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """A call on the service that waits out a restart (the service comes back by itself when
+        its process or node is lost), for at most RESTART_WAIT_S seconds."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout_s)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"the service {self.name!r} has been restarting for over {RESTART_WAIT_S} s; "
+                                      "check `ray status` and the service's log") from None
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as exc:
+                raise WorkerError(f"the service {self.name!r} is gone: it was stopped or used up its "
+                                  f"{SERVICE_RESTARTS} restarts ({exc.__class__.__name__}). Start it again with "
+                                  "`hessdist serve` (the same --out-dir keeps its history)") from None
 
     def stop(self) -> None:
         """Stop the workers and remove the service."""
