@@ -3,25 +3,21 @@ their certified intervals as error bars, the full-data work per step (warm vs co
 short text summary."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
 
 from .errors import InputError
-
-HISTORY = "history.jsonl"
+from .service import HISTORY, read_history
 
 
 def load_history(out_dir: str) -> list[dict]:
-    """The entries of ``out_dir/history.jsonl``, in step order."""
-    path = os.path.join(out_dir, HISTORY)
-    if not os.path.exists(path):
+    """The entries of ``out_dir/history.jsonl``, in step order; an error naming the fix if none."""
+    if not os.path.exists(os.path.join(out_dir, HISTORY)):
         raise InputError(f"no {HISTORY} in {out_dir!r}: pass the --out-dir a service wrote to "
                          "(`hessdist serve --out-dir ...`, default hessdist-out/NAME)")
-    with open(path) as fh:
-        entries = [json.loads(line) for line in fh if line.strip()]
+    entries = read_history(out_dir)
     if not entries:
-        raise InputError(f"{path} holds no solves yet: submit one first")
+        raise InputError(f"{os.path.join(out_dir, HISTORY)} holds no solves yet: submit one first")
     return sorted(entries, key=lambda e: e["step"])
 
 

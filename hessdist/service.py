@@ -35,6 +35,18 @@ SOLVE_OPTIONS = {"which", "k", "tol", "rtol", "max_hvps", "max_fpe", "budget_s",
                  "block", "max_basis", "confidence"}
 
 
+HISTORY = "history.jsonl"
+
+
+def read_history(out_dir: str) -> list[dict]:
+    """The solves recorded in ``out_dir/history.jsonl``, in the order they were written ([] if none)."""
+    path = os.path.join(out_dir, HISTORY)
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 class EigenService:
     """The actor class (see :func:`start`). All public methods are remote calls."""
 
@@ -51,23 +63,17 @@ class EigenService:
         self._results: dict[int, tuple[bool, Any]] = {}
         self._next_id = 0
         self.running, self.last_error = None, None
-        self.history = self._load_history()
+        self.history = read_history(self.out_dir)
         self.vectors = self._load_vectors(self.history[-1]["step"]) if self.history else {}
         threading.Thread(target=self._serve_queue, daemon=True, name="hessdist-solver").start()
 
     # -- persistence --------------------------------------------------------------------------
     @property
     def _history_path(self) -> str:
-        return os.path.join(self.out_dir, "history.jsonl")
+        return os.path.join(self.out_dir, HISTORY)
 
     def _vectors_path(self, step: int) -> str:
         return os.path.join(self.out_dir, "vectors", f"step-{step}.pt")
-
-    def _load_history(self) -> list[dict]:
-        if not os.path.exists(self._history_path):
-            return []
-        with open(self._history_path) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
 
     def _load_vectors(self, step: int) -> dict[str, np.ndarray]:
         path = self._vectors_path(step)

@@ -293,7 +293,7 @@ def _is_collective(exc: BaseException) -> bool:
     return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
 
 
-def worker_layout(workers: int | None = None, gpus_per_worker: float | None = None) -> tuple[int, float, str]:
+def worker_layout(workers: int | None = None, gpus_per_worker: float | None = None) -> tuple[int, int, str]:
     """Workers and GPUs per worker, defaults taken from the connected *cluster*, not from this
     driver (a CPU head of a GPU cluster sees no CUDA): with GPUs in the cluster, one GPU per
     worker and one worker per GPU; else two CPU workers. Returns (workers, gpus, what was chosen).
