@@ -59,7 +59,7 @@ def compiled_gradient_time(op: CurvatureOperator, repeats: int, sync) -> tuple[f
     p = tuple(op.layout.gather(op.model))
 
     def gradient():
-        return sum(op.layout.flatten(value_and_grad(p, x, y)[0]).double() for x, y in op.batches)
+        return sum(op.layout.flatten(value_and_grad(p, b)[0]).double() for b in op.batches)
 
     first, best, _ = timed(gradient, repeats, sync)
     return first, best

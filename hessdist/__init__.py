@@ -7,6 +7,7 @@ in-process or on a Ray cluster of GPU workers.
 """
 from .errors import HessdistError, InputError, NonDeterministicError, NonFiniteError, WorkerError
 from .curvature import CurvatureOperator
+from .objective import BatchLoss
 from .operator import Operator
 from .params import ParameterLayout
 from .solvers.lanczos import lanczos
@@ -20,5 +21,5 @@ def connect(name: str, address: str | None = "auto"):
     from .service import connect as _connect
     return _connect(name, address)
 
-__all__ = ["connect", "CurvatureOperator", "Operator", "ParameterLayout", "lanczos", "EigenPairs", "EigenResult",
+__all__ = ["connect", "BatchLoss", "CurvatureOperator", "Operator", "ParameterLayout", "lanczos", "EigenPairs", "EigenResult",
            "HessdistError", "InputError", "NonDeterministicError", "NonFiniteError", "WorkerError"]

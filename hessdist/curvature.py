@@ -42,9 +42,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .data import Batches, DataLike, StreamedBatches, load_batches
+from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
-from .losses import LossFn, get_loss
+from .losses import LossFn
+from .objective import BatchLoss, BoundModel, objective_of
 from .operator import Operator
 from .params import ParameterLayout, load_state
 
@@ -68,6 +69,13 @@ def products_exact(dtype: torch.dtype, tf32: bool, mode: str) -> bool:
     return dtype == torch.float64 and not tf32 and mode != "finite-difference"
 
 
+def missing_derivative(exc: BaseException) -> bool:
+    """Whether autograd failed because an operation lacks the derivative a mode needs."""
+    text = str(exc)
+    return isinstance(exc, NotImplementedError) or (
+        isinstance(exc, RuntimeError) and "derivative for" in text and "not implemented" in text)
+
+
 class MicroBatchWarning(UserWarning):
     """The device ran out of memory and batches are now split into smaller micro-batches."""
 
@@ -75,11 +83,13 @@ class MicroBatchWarning(UserWarning):
 class CurvatureOperator(Operator):
     """The Hessian (or GGN) of ``loss`` averaged over ``data``, as a symmetric operator on the
     flat vector of the model's selected parameters (see :class:`ParameterLayout` for the order).
+    ``loss``: a name or ``loss(outputs, targets)`` for (inputs, targets) batches, or a
+    :class:`~hessdist.objective.BatchLoss` for batches of any shape (see :mod:`hessdist.objective`).
 
     The model is copied, cast to ``dtype``, moved to ``device`` and put in eval mode (BatchNorm
     uses running statistics, dropout is off) unless ``eval_mode=False``."""
 
-    def __init__(self, model: nn.Module, loss: Union[str, LossFn], data: DataLike | Batches | StreamedBatches, *,
+    def __init__(self, model: nn.Module, loss: Union[str, LossFn, BatchLoss], data: DataLike | Batches | StreamedBatches, *,
                  curvature: str = "hessian", mode: str = "forward", batch_size: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  params: Sequence[str] | None = None, eval_mode: bool = True,
@@ -107,21 +117,23 @@ class CurvatureOperator(Operator):
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype, memory_format=memory_format)
         if eval_mode:
             self.model.eval()
-        self.loss_fn = get_loss(loss)
+        self.objective = objective_of(loss)
+        if curvature == "ggn" and not self.objective.pairs:
+            raise InputError("the GGN needs the model's outputs and a loss of them: use a loss(outputs, targets) "
+                             "on (inputs, targets) batches (inputs may be a dict for a keyword model), or "
+                             "curvature='hessian' with a BatchLoss")
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
         self.batches = data if isinstance(data, (Batches, StreamedBatches)) else load_batches(
             data, batch_size, dtype=dtype, device=self.device, placement=placement, loader_workers=loader_workers,
-            channels_last=channels_last, columns=data_columns)
-        #: samples per forward pass; halved when the device runs out of memory
-        self.micro_batch = len(self.batches.first()[1]) if isinstance(self.batches, StreamedBatches) else max(
-            len(y) for _, y in self.batches)
+            channels_last=channels_last, columns=data_columns, pairs=self.objective.pairs)
+        #: rows per forward pass; halved when the device runs out of memory
+        self.micro_batch = rows(self.batches.first()) if isinstance(self.batches, StreamedBatches) else max(
+            rows(b) for b in self.batches)
         self._reduce, self._agree = reducer or (lambda t: None), agree or _alone
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        n_samples = torch.tensor([float(self.batches.n_samples)], dtype=torch.float64, device=self.device)
-        self._reduce(n_samples)
-        self.n_samples = int(n_samples.item())
+        self.n_samples = self._count_samples(self.batches)
         self._check_first_batch()
         if mode == "auto":          # compiled: forward is the only exact mode torch.compile supports
             self.mode = "forward" if compiled else self._fastest_mode()
@@ -136,11 +148,19 @@ class CurvatureOperator(Operator):
             raise InputError(f"fraction must lie in (0, 1], got {fraction}")
         view = copy.copy(self)
         view.batches, view.hvps, view.fpe = self.batches.spread(fraction), 0, 0.0
-        n_samples = torch.tensor([float(view.batches.n_samples)], dtype=torch.float64, device=self.device)
-        self._reduce(n_samples)
-        view.n_samples = int(n_samples.item())
+        view.n_samples = self._count_samples(view.batches)
         view.data_fraction = self.data_fraction * view.n_samples / self.n_samples
         return view
+
+    def _count_samples(self, batches: Batches | StreamedBatches) -> int:
+        """Samples in ``batches`` over every process: rows for a pairs loss, else what the
+        objective counts (one pass over the data, no model)."""
+        local = batches.n_rows if self.objective.pairs else sum(self.objective.count(b) for b in batches)
+        total = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+        self._reduce(total)
+        if total.item() <= 0:
+            raise InputError("the data hold no samples the loss counts (e.g. every label is -100)")
+        return int(total.item())
 
     def _product_function(self, mode: str, compiled: bool) -> Callable:
         fn = {("hessian", "forward"): self._hessian_forward,
@@ -153,7 +173,7 @@ class CurvatureOperator(Operator):
     def _fastest_mode(self, repeats: int = 3) -> str:
         """Time one single-column product on the first batch in each exact mode (after a warm-up
         call) and return the faster; these products are not counted in ``hvps``."""
-        x, y = self.batches.first()
+        batch = self.batches.first()
         p = self.layout.gather(self.model)
         T = torch.randn(1, self.n, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         seconds = {}
@@ -161,11 +181,17 @@ class CurvatureOperator(Operator):
             fn = self._product_function(mode, compiled=False)
 
             def product():
-                self._over_micro_batches(lambda xs, ys: fn(p, xs, ys, T), x, y, 0, "curvature product")
+                self._over_micro_batches(lambda b: fn(p, b, T), batch, 0, "curvature product")
                 self._synchronize()
 
             with self._precision():
-                product()                       # warm-up
+                try:
+                    product()                   # warm-up
+                except (NotImplementedError, RuntimeError) as exc:
+                    if not missing_derivative(exc):
+                        raise
+                    seconds[mode] = float("inf")     # an operation without this derivative: the other mode
+                    continue
                 t0 = time.perf_counter()
                 for _ in range(repeats):
                     product()
@@ -199,16 +225,21 @@ class CurvatureOperator(Operator):
         return self.layout.flatten(self.layout.gather(self.model)).to(torch.float64)
 
     def _state(self, selected: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        state = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+        # each tensor once (a tied weight under its first name; functional_call ties the others)
+        state = {k: v.detach() for k, v in [*self.model.named_parameters(), *self.model.named_buffers()]}
         state.update(zip(self.layout.names, selected))
         return state
 
     # -- loss, outputs ------------------------------------------------------------------------
-    def _outputs(self, p: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self._state(p), (x,))
+    def _bound(self, p: Sequence[torch.Tensor]) -> BoundModel:
+        return BoundModel(self.model, self._state(p))
 
-    def _batch_loss_sum(self, p: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self._outputs(p, x), y) * len(y)
+    def _outputs(self, p: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
+        return self.objective.outputs(self._bound(p), batch)
+
+    def _batch_loss_sum(self, p: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The batch's mean loss times its sample count (so sums over batches weight samples equally)."""
+        return self.objective.loss_sum(self._bound(p), batch)
 
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """Full-dataset mean loss and its gradient (float64, length n) at θ (default: current)."""
@@ -216,8 +247,8 @@ class CurvatureOperator(Operator):
             torch.as_tensor(theta).to(self.device, self.dtype)))
         value_and_grad = torch.func.grad_and_value(self._batch_loss_sum)
 
-        def batch(x, y):
-            g, value = value_and_grad(p, x, y)
+        def batch(b):
+            g, value = value_and_grad(p, b)
             return torch.cat([value.reshape(1), self.layout.flatten(g)])
 
         total = self._sum_over_data(batch, "loss and gradient")
@@ -235,36 +266,46 @@ class CurvatureOperator(Operator):
         processes nor divided by the sample count (a sharded basis reduce-scatters it)."""
         T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
         p = self.layout.gather(self.model)
-        return self._sum_over_data(lambda x, y: self._batch_product(p, x, y, T), "curvature product", reduce=False)
+        return self._sum_over_data(lambda b: self._batch_product(p, b, T), "curvature product", reduce=False)
 
-    def _sum_over_data(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
-                       reduce: bool = True) -> torch.Tensor:
-        """Σ over every batch of ``fn(inputs, targets)`` in float64, then (``reduce``) the reducer."""
+    def _sum_over_data(self, fn: Callable[[Batch], torch.Tensor], what: str, reduce: bool = True) -> torch.Tensor:
+        """Σ over every batch of ``fn(batch)`` in float64, then (``reduce``) the reducer."""
         total, error = None, None
         try:
             with self._precision():
-                for i, (x, y) in enumerate(self.batches):
-                    part = self._over_micro_batches(fn, x, y, i, what)
-                    total = part if total is None else total.add_(part)
+                for i, b in enumerate(self.batches):
+                    part = self._over_micro_batches(fn, b, i, what)
+                    if part is not None:
+                        total = part if total is None else total.add_(part)
         except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
-            error = exc
+            error = self._no_derivative(exc) if missing_derivative(exc) else exc
         self._agree(error)
         if reduce:
             self._reduce(total)
         return total
 
-    def _over_micro_batches(self, fn, x: torch.Tensor, y: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-        """``fn`` summed over slices of at most ``micro_batch`` samples; on out-of-memory the
+    def _over_micro_batches(self, fn: Callable[[Batch], torch.Tensor], batch: Batch, index: int,
+                            what: str) -> torch.Tensor | None:
+        """``fn`` summed over slices of at most ``micro_batch`` rows; on out-of-memory the
         micro-batch is halved and the batch redone (sums of per-sample terms: the same result)."""
         def summed():
             total = None
-            for start in range(0, len(y), self.micro_batch):
-                part = fn(x[start:start + self.micro_batch], y[start:start + self.micro_batch])
-                self._check_finite(part, batch, what)
+            for start in range(0, rows(batch), self.micro_batch):
+                piece = take(batch, slice(start, start + self.micro_batch))
+                if not self.objective.pairs and self.objective.count(piece) == 0:
+                    continue                 # no sample the loss counts (a mean over none is 0/0)
+                part = fn(piece)
+                self._check_finite(part, index, what)
                 total = part.to(torch.float64) if total is None else total.add_(part)
             return total
 
         return self._retry_on_oom(summed)
+
+    def _no_derivative(self, exc: BaseException) -> InputError:
+        return InputError(f"an operation in the model has no {'forward-mode' if self.mode == 'forward' else 'second'}"
+                          f"-order derivative in PyTorch ({str(exc).splitlines()[0]}). Use mode='double-backward' "
+                          "(CLI --mode double-backward) or mode='finite-difference' (first derivatives only); for a "
+                          "Hugging Face model, load it with attn_implementation='eager'")
 
     def _retry_on_oom(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``fn()``, called again with a halved ``micro_batch`` each time the device runs out of memory."""
@@ -303,20 +344,20 @@ class CurvatureOperator(Operator):
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def _hessian_forward(self, p, x, y, T):
+    def _hessian_forward(self, p, b, T):
         g = grad(self._batch_loss_sum)
 
         def column(t):
-            return jvp(lambda q: g(q, x, y), (p,), (t,))[1]
+            return jvp(lambda q: g(q, b), (p,), (t,))[1]
 
         return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
 
-    def _ggn_forward(self, p, x, y, T):
-        out, pullback = vjp(lambda q: self._outputs(q, x), p)
-        loss_grad = grad(lambda o: self.loss_fn(o, y) * len(y))
+    def _ggn_forward(self, p, b, T):
+        out, pullback = vjp(lambda q: self._outputs(q, b), p)
+        loss_grad = grad(lambda o: self.objective.output_loss_sum(o, b))
 
         def column(t):
-            jv = jvp(lambda q: self._outputs(q, x), (p,), (t,))[1]
+            jv = jvp(lambda q: self._outputs(q, b), (p,), (t,))[1]
             return pullback(jvp(loss_grad, (out,), (jv,))[1])[0]
 
         return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
@@ -324,20 +365,20 @@ class CurvatureOperator(Operator):
     def _leaves(self, p):
         return [t.detach().requires_grad_(True) for t in p]
 
-    def _hessian_double_backward(self, p, x, y, T):
+    def _hessian_double_backward(self, p, b, T):
         q = self._leaves(p)
-        g = torch.autograd.grad(self._batch_loss_sum(q, x, y), q, create_graph=True)
+        g = torch.autograd.grad(self._batch_loss_sum(q, b), q, create_graph=True)
         rows = [torch.autograd.grad(g, q, grad_outputs=self.layout.unflatten(t), retain_graph=True)
                 for t in T]
         return torch.stack([self.layout.flatten(r) for r in rows])
 
-    def _ggn_double_backward(self, p, x, y, T):
+    def _ggn_double_backward(self, p, b, T):
         q = self._leaves(p)
-        out = self._outputs(q, x)
+        out = self._outputs(q, b)
         u = torch.zeros_like(out, requires_grad=True)
         jt_u = torch.autograd.grad(out, q, grad_outputs=u, create_graph=True)   # Jᵀu, linear in u
         out_leaf = out.detach().requires_grad_(True)
-        loss_grad = torch.autograd.grad(self.loss_fn(out_leaf, y) * len(y), out_leaf, create_graph=True)[0]
+        loss_grad = torch.autograd.grad(self.objective.output_loss_sum(out_leaf, b), out_leaf, create_graph=True)[0]
         rows = []
         for t in T:
             jv = torch.autograd.grad(jt_u, u, grad_outputs=self.layout.unflatten(t), retain_graph=True)[0]
@@ -345,15 +386,15 @@ class CurvatureOperator(Operator):
             rows.append(self.layout.flatten(torch.autograd.grad(out, q, grad_outputs=hjv, retain_graph=True)))
         return torch.stack(rows)
 
-    def _hessian_finite_difference(self, p, x, y, T):
+    def _hessian_finite_difference(self, p, b, T):
         g = grad(self._batch_loss_sum)
         theta = self.layout.flatten(p)
         scale = max(1.0, float(theta.norm()))
         rows = []
         for t in T:
             h = torch.finfo(self.dtype).eps ** 0.5 * scale / max(float(t.norm()), 1e-300)
-            plus = self.layout.flatten(g(self.layout.unflatten(theta + h * t), x, y))
-            minus = self.layout.flatten(g(self.layout.unflatten(theta - h * t), x, y))
+            plus = self.layout.flatten(g(self.layout.unflatten(theta + h * t), b))
+            minus = self.layout.flatten(g(self.layout.unflatten(theta - h * t), b))
             rows.append((plus.to(torch.float64) - minus.to(torch.float64)) / (2 * h))
         return torch.stack(rows)
 
@@ -368,14 +409,15 @@ class CurvatureOperator(Operator):
 
     def _check_first_batch(self) -> None:
         """One gradient on the first batch: the loss is finite and every parameter is used."""
-        x, y = self.batches.first()
+        batch = self.batches.first()
         q = self._leaves(self.layout.gather(self.model))
         try:
-            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, x[:self.micro_batch], y[:self.micro_batch]))
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise InputError(f"the model and loss failed on the first batch (inputs {tuple(x.shape)}, "
-                             f"targets {tuple(y.shape)}): {exc}. Check that the data fit the model's "
-                             "input shape and that the loss fits its outputs") from exc
+            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, take(batch, slice(0, self.micro_batch))))
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
+            form = "(inputs, targets)" if self.objective.pairs else "batch"
+            raise InputError(f"the model and loss failed on the first batch ({form} {describe(batch)}): "
+                             f"{type(exc).__name__}: {exc}. Check that the data fit the model's inputs and "
+                             "that the loss fits its outputs") from exc
         if loss.ndim != 0:
             raise InputError(f"the loss must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
         self._check_finite(loss, 0, "loss")

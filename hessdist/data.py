@@ -1,9 +1,11 @@
-"""Data: a fixed, ordered sequence of batches with exact sample counts, and sharding for workers.
+"""Data: a fixed, ordered sequence of batches, and sharding for workers.
 
 A curvature product must be a fixed linear map, so every pass reads the same samples in the
 same order (no shuffling, no re-drawn augmentation): kept on the compute device when they fit
 (:class:`Batches`), else read again from host memory or disk on every pass
-(:class:`StreamedBatches`).
+(:class:`StreamedBatches`). A batch is an ``(inputs, targets)`` pair or, for a
+:class:`~hessdist.objective.BatchLoss`, any tuple/list/dict of tensors (nested), every tensor
+with one row per sequence or image: batches are sliced, sharded and subset by rows.
 """
 from __future__ import annotations
 
@@ -11,14 +13,78 @@ import inspect
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InputError
 
-DataLike = Union[Dataset, DataLoader, tuple, list, Any]     # Any: a ray.data dataset
+DataLike = Union[Dataset, DataLoader, tuple, list, dict, Any]     # Any: a ray.data dataset
+Batch = Any           # a tensor, or a tuple/list/dict of them (nested), one row per sample
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], batch: Batch) -> Batch:
+    """``fn`` applied to every tensor of a batch, its structure kept (other leaves as they are)."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: tree_map(fn, v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):         # a namedtuple
+        return type(batch)(*(tree_map(fn, v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(tree_map(fn, v) for v in batch)
+    return batch
+
+
+def tensors(batch: Batch) -> list[torch.Tensor]:
+    """Every tensor in a batch, in order."""
+    found: list[torch.Tensor] = []
+    tree_map(found.append, batch)
+    return found
+
+
+def rows(batch: Batch) -> int:
+    """The rows of a batch (its tensors' common first dimension), checked."""
+    sizes = {len(t) if t.ndim else None for t in tensors(batch)}
+    if len(sizes) != 1 or None in sizes:
+        raise InputError(f"every tensor in a batch needs the same first dimension (one row per sample); got "
+                         f"{describe(batch)}")
+    return sizes.pop()
+
+
+def describe(batch: Batch) -> str:
+    """A batch's structure and shapes, for messages."""
+    if torch.is_tensor(batch):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def take(batch: Batch, index: Union[slice, torch.Tensor]) -> Batch:
+    """The rows ``index`` of every tensor in a batch."""
+    return tree_map(lambda t: t[index.to(t.device) if torch.is_tensor(index) else index], batch)
+
+
+def concat(parts: list[Batch]) -> Batch:
+    """Batches of one structure joined row-wise."""
+    first = parts[0]
+    if torch.is_tensor(first):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        joined = [concat(list(column)) for column in zip(*parts)]
+        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+    return first
+
+
+def split(batch: Batch, size: int) -> list[Batch]:
+    """A batch cut into consecutive batches of at most ``size`` rows."""
+    return [take(batch, slice(start, start + size)) for start in range(0, rows(batch), size)]
 
 
 def spread_indices(n: int, fraction: float) -> torch.Tensor:
@@ -37,63 +103,76 @@ PLACEMENTS = ("auto", "device", "stream")
 RESIDENT_SHARE = 0.5
 
 
-def _is_tensor_pair(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
+def _in_memory(data: Any) -> bool:
+    """Tensors in a tuple/list/dict (one row per sample), rather than a dataset or loader."""
+    return isinstance(data, (tuple, list, Mapping)) and bool(data) and all(
+        isinstance(v, (torch.Tensor, tuple, list, Mapping)) for v in (data.values() if isinstance(data, Mapping) else data))
 
 
 def is_ray_dataset(data: Any) -> bool:
     return type(data).__module__.startswith("ray.data")
 
 
-def _pair(batch: Any, columns: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) from a DataLoader batch or a ray.data batch (a dict of columns)."""
-    if isinstance(batch, dict):
+def _as_batch(batch: Any, columns: tuple[str, str] | None, pairs: bool) -> Batch:
+    """A DataLoader or ray.data batch (a dict of columns) as the contract wants it: an
+    (inputs, targets) pair for a pairs loss, else as given, its rows checked."""
+    if not pairs:
+        batch = dict(batch) if isinstance(batch, Mapping) else batch     # a BatchEncoding, a UserDict
+        rows(batch)
+        return batch
+    if isinstance(batch, Mapping):
         names = columns or tuple(batch)
         if len(names) != 2:
-            raise InputError(f"a ray.data dataset needs two columns (inputs, targets) or data_columns=(x, y); "
-                             f"it has {list(batch)}")
+            raise InputError(f"dict batches with columns {list(batch)} need data_columns=(inputs, targets) for "
+                             "a loss(outputs, targets), or a BatchLoss (e.g. BatchLoss('model_loss')) that "
+                             "takes the whole dict")
         return torch.as_tensor(batch[names[0]]), torch.as_tensor(batch[names[1]])
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise InputError("each sample/batch must be an (input, target) pair; wrap your dataset so "
-                         "__getitem__ returns (x, y)")
+        raise InputError("each sample/batch must be an (input, target) pair for a loss(outputs, targets); "
+                         "wrap your dataset so __getitem__ returns (x, y), or use a BatchLoss for other batches")
     x, y = batch
-    if len(x) != len(y):
-        raise InputError(f"a batch has {len(x)} inputs but {len(y)} targets")
-    return torch.as_tensor(x), torch.as_tensor(y)
+    if rows(x) != len(y):
+        raise InputError(f"a batch has {rows(x)} inputs but {len(y)} targets")
+    return x, torch.as_tensor(y)
 
 
-def _cast(x: torch.Tensor, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
-          non_blocking: bool = False) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype, non_blocking=non_blocking)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+def _cast(batch: Batch, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
+          non_blocking: bool = False) -> Batch:
+    """Every tensor on ``device``; floating ones in ``dtype`` (4-D ones channels-last if asked)."""
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype, non_blocking=non_blocking)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+    return tree_map(cast, batch)
 
 
 class HostData:
     """The samples as the user gave them (tensors, a Dataset, a DataLoader or a ray.data dataset),
-    read in one fixed order as host batches of at most ``batch_size`` samples; ``keep`` restricts
-    them to the given sample indices (a subset)."""
+    read in one fixed order as host batches of at most ``batch_size`` rows; ``keep`` restricts
+    them to the given row indices (a subset). ``pairs``: batches are (inputs, targets)."""
 
     def __init__(self, data: DataLike, batch_size: int = 256, *, loader_workers: int = 0, pin: bool = False,
-                 columns: tuple[str, str] | None = None, keep: torch.Tensor | None = None):
+                 columns: tuple[str, str] | None = None, keep: torch.Tensor | None = None, pairs: bool = True):
         if batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size}")
-        if _is_tensor_pair(data) and len(data[0]) != len(data[1]):
-            raise InputError(f"inputs and targets differ in length ({len(data[0])} vs {len(data[1])}); "
-                             "pass one target per input")
-        if not (_is_tensor_pair(data) or isinstance(data, (Dataset, DataLoader)) or is_ray_dataset(data)):
+        if not (_in_memory(data) or isinstance(data, (Dataset, DataLoader)) or is_ray_dataset(data)):
             raise InputError(f"data must be a Dataset, a DataLoader, a ray.data dataset or an (inputs, targets) "
-                             f"pair of tensors, got {type(data).__name__}")
+                             f"pair of tensors (any tuple/dict of tensors for a BatchLoss), got {type(data).__name__}")
+        if _in_memory(data):
+            if pairs and not (isinstance(data, (tuple, list)) and len(data) == 2):
+                raise InputError("in-memory data for a loss(outputs, targets) must be an (inputs, targets) pair; "
+                                 "use a BatchLoss for other batch shapes")
+            if pairs and rows(data[0]) != len(data[1]):
+                raise InputError(f"inputs and targets differ in length ({rows(data[0])} vs {len(data[1])}); "
+                                 "pass one target per input")
+            rows(data)
         self.data, self.batch_size, self.loader_workers, self.pin = data, batch_size, loader_workers, pin
-        self.columns, self.keep = columns, keep
+        self.columns, self.keep, self.pairs = columns, keep, pairs
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self) -> Iterator[Batch]:
         data = self.data
-        if _is_tensor_pair(data):
-            x, y = data
-            if self.keep is not None:
-                x, y = x[self.keep], y[self.keep]
-            yield from zip(x.split(self.batch_size), y.split(self.batch_size))
+        if _in_memory(data):
+            yield from split(data if self.keep is None else take(data, self.keep), self.batch_size)
             return
         if isinstance(data, Dataset) and self.keep is not None:      # map-style: read only the subset
             data = Subset(data, self.keep.tolist())
@@ -104,15 +183,16 @@ class HostData:
         else:
             batches = data.iter_torch_batches(batch_size=self.batch_size, drop_last=False)
         if self.keep is None or isinstance(data, Subset):
-            yield from (_pair(b, self.columns) for b in batches)
+            yield from (_as_batch(b, self.columns, self.pairs) for b in batches)
             return
         start = 0                              # a DataLoader / ray.data stream: keep rows on the fly
         for b in batches:
-            x, y = _pair(b, self.columns)
-            local = _within(self.keep, start, len(y))
-            start += len(y)
+            b = _as_batch(b, self.columns, self.pairs)
+            size = rows(b)
+            local = _within(self.keep, start, size)
+            start += size
             if len(local):
-                yield x[local], y[local]
+                yield take(b, local)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         """One DataLoader per dataset, kept: its worker processes persist from pass to pass."""
@@ -123,41 +203,41 @@ class HostData:
                                                prefetch_factor=2 if workers else None)
         return self._cached[1]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         empty = True
-        for x, y in self._batches():
-            if len(y):
+        for b in self._batches():
+            if rows(b):
                 empty = False
-                yield x, y
+                yield b
         if empty:
             raise InputError("the data are empty: the dataset (or this worker's shard) has no samples; "
                              "check the data factory, or use fewer workers than samples")
 
     def count(self) -> int:
-        """The number of samples, without reading them where the source knows its length."""
+        """The number of rows, without reading them where the source knows its length."""
         if self.keep is not None:
             return len(self.keep)
-        if _is_tensor_pair(self.data):
-            return len(self.data[1])
+        if _in_memory(self.data):
+            return rows(self.data)
         if isinstance(self.data, Dataset) and hasattr(self.data, "__len__"):
             return len(self.data)
         if is_ray_dataset(self.data):
             return self.data.count()
-        return sum(len(y) for _, y in self)
+        return sum(rows(b) for b in self)
 
     def spread(self, fraction: float) -> "HostData":
         """The samples :func:`spread_indices` picks, read the same way."""
         base = self.keep if self.keep is not None else torch.arange(self.count())
         picked = base[spread_indices(len(base), fraction)]
         return HostData(self.data, self.batch_size, loader_workers=self.loader_workers, pin=self.pin,
-                        columns=self.columns, keep=picked)
+                        columns=self.columns, keep=picked, pairs=self.pairs)
 
     def resident_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes all the samples take on the device in ``dtype`` (from the first batch)."""
-        x, y = next(iter(self))
+        """Bytes all the rows take on the device in ``dtype`` (from the first batch)."""
         size = torch.finfo(dtype).bits // 8
-        per_sample = sum(t[:1].numel() * (size if t.is_floating_point() else t.element_size()) for t in (x, y))
-        return per_sample * self.count()
+        per_row = sum(t[:1].numel() * (size if t.is_floating_point() else t.element_size())
+                      for t in tensors(next(iter(self))))
+        return per_row * self.count()
 
 
 def free_memory(device: torch.device) -> int:
@@ -169,20 +249,20 @@ def free_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Batches:
-    """Ordered (inputs, targets) batches resident on one device; ``n_samples`` counts every sample once."""
+    """Ordered batches resident on one device; ``n_rows`` counts every row once."""
 
-    batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    batches: tuple[Batch, ...]
     placement = "device"
 
     @classmethod
     def load(cls, host: HostData, dtype: torch.dtype, device: torch.device, channels_last: bool = False) -> "Batches":
-        return cls(tuple((_cast(x, dtype, device, channels_last), _cast(y, dtype, device)) for x, y in host))
+        return cls(tuple(_cast(b, dtype, device, channels_last) for b in host))
 
     @property
-    def n_samples(self) -> int:
-        return sum(len(y) for _, y in self.batches)
+    def n_rows(self) -> int:
+        return sum(rows(b) for b in self.batches)
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def first(self) -> Batch:
         return self.batches[0]
 
     def __iter__(self):
@@ -191,17 +271,15 @@ class Batches:
     def spread(self, fraction: float) -> "Batches":
         """⌈fraction · n⌉ samples spread evenly over the data (sample ⌊j·n/m⌋ for j < m), in
         batches as large as these: a fixed subset that sorted data cannot bias towards its start."""
-        picked = spread_indices(self.n_samples, fraction)
-        xs, ys, start = [], [], 0
-        for x, y in self.batches:
-            local = _within(picked, start, len(y))
+        picked = spread_indices(self.n_rows, fraction)
+        parts, start = [], 0
+        for b in self.batches:
+            size = rows(b)
+            local = _within(picked, start, size)
             if len(local):
-                xs.append(x[local.to(x.device)])
-                ys.append(y[local.to(y.device)])
-            start += len(y)
-        size = max(len(y) for _, y in self.batches)
-        x, y = torch.cat(xs), torch.cat(ys)
-        return Batches(tuple(zip(x.split(size), y.split(size))))
+                parts.append(take(b, local))
+            start += size
+        return Batches(tuple(split(concat(parts), max(rows(b) for b in self.batches))))
 
 
 class StreamedBatches:
@@ -213,21 +291,19 @@ class StreamedBatches:
 
     def __init__(self, host: HostData, dtype: torch.dtype, device: torch.device, channels_last: bool = False):
         self.host, self.dtype, self.device, self.channels_last = host, dtype, device, channels_last
-        self.n_samples = host.count()
+        self.n_rows = host.count()
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cuda = self.device.type == "cuda"
-        return (_cast(x, self.dtype, self.device, self.channels_last, non_blocking=cuda),
-                _cast(y, self.dtype, self.device, non_blocking=cuda))
+    def _to_device(self, batch: Batch) -> Batch:
+        return _cast(batch, self.dtype, self.device, self.channels_last, non_blocking=self.device.type == "cuda")
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self.device.type != "cuda":
-            yield from (self._to_device(x, y) for x, y in self.host)
+            yield from (self._to_device(b) for b in self.host)
             return
         copier, staged = torch.cuda.Stream(self.device), None
-        for x, y in self.host:
+        for b in self.host:
             with torch.cuda.stream(copier):
-                batch, ready = self._to_device(x, y), torch.cuda.Event()
+                batch, ready = self._to_device(b), torch.cuda.Event()
                 ready.record(copier)
             if staged is not None:
                 yield self._handed_over(*staged)
@@ -236,16 +312,16 @@ class StreamedBatches:
             yield self._handed_over(*staged)
 
     @staticmethod
-    def _handed_over(batch: tuple[torch.Tensor, torch.Tensor], ready: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _handed_over(batch: Batch, ready: Any) -> Batch:
         """``batch`` for the compute stream: wait for its copy, keep its memory until compute is done."""
         current = torch.cuda.current_stream()
         current.wait_event(ready)
-        for t in batch:
+        for t in tensors(batch):
             t.record_stream(current)
         return batch
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._to_device(*next(iter(self.host)))
+    def first(self) -> Batch:
+        return self._to_device(next(iter(self.host)))
 
     def spread(self, fraction: float) -> "StreamedBatches":
         return StreamedBatches(self.host.spread(fraction), self.dtype, self.device, self.channels_last)
@@ -253,15 +329,17 @@ class StreamedBatches:
 
 def load_batches(data: DataLike, batch_size: int = 256, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", placement: str = "auto", loader_workers: int = 0,
-                 channels_last: bool = False, columns: tuple[str, str] | None = None) -> Batches | StreamedBatches:
-    """``data`` as fixed batches of at most ``batch_size`` samples: resident on ``device``
+                 channels_last: bool = False, columns: tuple[str, str] | None = None,
+                 pairs: bool = True) -> Batches | StreamedBatches:
+    """``data`` as fixed batches of at most ``batch_size`` rows: resident on ``device``
     (``placement="device"``), read again on every pass (``"stream"``), or ``"auto"``: resident
     when they take at most half the free device (or host) memory. Either way the same batches
     in the same order, so the products agree."""
     if placement not in PLACEMENTS:
         raise InputError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     device = torch.device(device)
-    host = HostData(data, batch_size, loader_workers=loader_workers, pin=device.type == "cuda", columns=columns)
+    host = HostData(data, batch_size, loader_workers=loader_workers, pin=device.type == "cuda", columns=columns,
+                    pairs=pairs)
     if placement == "auto":
         placement = "device" if host.resident_bytes(dtype) <= RESIDENT_SHARE * free_memory(device) else "stream"
     if placement == "device":
@@ -272,8 +350,8 @@ def load_batches(data: DataLike, batch_size: int = 256, *, dtype: torch.dtype = 
 def strided_shard(data: DataLike, rank: int, world_size: int) -> DataLike:
     """Samples rank, rank+world_size, …: the deterministic split used when the data factory
     cannot build its own shard. Shards differ in size by at most one sample."""
-    if _is_tensor_pair(data):
-        return data[0][rank::world_size], data[1][rank::world_size]
+    if _in_memory(data):
+        return take(data, slice(rank, None, world_size))
     if isinstance(data, DataLoader):
         data = data.dataset
     return Subset(data, range(rank, len(data), world_size))

@@ -1,9 +1,10 @@
-"""Loss functions by name. Contract: ``loss(outputs, targets)`` is the MEAN over the batch's
-samples; hessdist multiplies by the batch size so the full-dataset mean weights every sample
-equally, however the data are batched or sharded."""
+"""Loss functions by name. Pairs contract: ``loss(outputs, targets)`` is the MEAN over the
+batch's samples; hessdist multiplies by the batch size so the full-dataset mean weights every
+sample equally, however the data are batched or sharded. Any-batch contract (see
+:mod:`hessdist.objective`): ``batch_loss(model, batch)`` and the sample count it averages over."""
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,3 +36,37 @@ def get_loss(spec: Union[str, LossFn]) -> LossFn:
     if isinstance(spec, str) and ":" in spec:
         return resolve(spec)
     raise InputError(f"unknown loss {spec!r}; use one of {sorted(LOSSES)} or an import path 'pkg.mod:fn'")
+
+
+def model_loss(model: Callable[..., Any], batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss the model computes itself from a dict batch: ``model(**batch).loss`` (Hugging
+    Face models given ``labels``; the mean over the tokens they predict)."""
+    if not isinstance(batch, Mapping):
+        raise InputError(f"model_loss calls model(**batch) and needs dict batches, got {type(batch).__name__}")
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise InputError("model(**batch) returned no loss; give the batch its 'labels' (or write a batch_loss "
+                         "that computes the mean loss from the outputs)")
+    return loss
+
+
+def causal_lm(model: Callable[..., Any], batch: Mapping[str, Any]) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model, in the logits' own precision (a
+    Hugging Face model's own loss casts logits to float32, which limits a float64 Hessian to
+    float32 accuracy): the mean over the predicted tokens (``labels[..., 1:]`` other than -100);
+    every other key of the batch is passed to the model."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits = logits["logits"] if isinstance(logits, Mapping) else getattr(logits, "logits", logits)
+    targets = batch["labels"][..., 1:]
+    return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def predicted_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """A causal language model's samples: the tokens whose next token it predicts and scores,
+    i.e. ``labels[..., 1:]`` that are not the ignore index -100 (what its mean loss averages over)."""
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
+BATCH_LOSSES: dict[str, Callable[[Any, Any], torch.Tensor]] = {"model_loss": model_loss, "causal_lm": causal_lm}
+BATCH_SAMPLES: dict[str, Callable[[Any], int] | None] = {"rows": None, "predicted_tokens": predicted_tokens}

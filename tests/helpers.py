@@ -137,3 +137,55 @@ def trained_mlp_hessian() -> np.ndarray:
     """Dense Hessian of the trained digits MLP (λ_max/|λ_min| in the hundreds, a dense bulk at 0)."""
     model, data = trained_digits_mlp()
     return dense_hessian(model, *data)
+
+
+GPT2_PARAMS = ("transformer.h.1.attn.c_proj.bias", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight",
+               "transformer.ln_f.bias")              # in the model's order, as hessdist's vector has them
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 built from a config (no weights downloaded), float64, eager attention
+    (PyTorch's fused CPU attention has no second derivative)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def gpt2_tokens(rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+    """A fixed token set: 48 sequences of 3–10 real tokens, right-padded to 10 (labels -100 on
+    padding), so batches hold different numbers of predicted tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (48, 10), generator=g)
+    mask = (torch.arange(10) < (3 + torch.arange(48) % 8)[:, None]).long()
+    data = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {k: v[rank::world_size] for k, v in data.items()}
+
+
+def token_mean_loss(model: nn.Module, state: dict, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy averaged over every predicted token of ``data`` at once, written
+    out (log-softmax, gather, mask) in the logits' precision."""
+    logits = functional_call(model, state, (), {"input_ids": data["input_ids"],
+                                                "attention_mask": data["attention_mask"]}).logits[:, :-1]
+    targets = data["labels"][:, 1:]
+    keep = targets != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return -(logp * keep).sum() / keep.sum()
+
+
+def dense_gpt2_hessian(model: nn.Module, data: dict[str, torch.Tensor], names=GPT2_PARAMS,
+                       own_loss: bool = False) -> torch.Tensor:
+    """The float64 Hessian, in the selected parameters, of the mean loss over ALL the predicted
+    tokens in one call (:func:`token_mean_loss`, or with ``own_loss`` the model's own loss, which
+    Hugging Face computes in float32), by torch.autograd.functional.hessian."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(flat):
+        state = {n: t.reshape(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
+        return functional_call(model, state, (), data).loss if own_loss else token_mean_loss(model, state, data)
+
+    return torch.autograd.functional.hessian(loss, theta)

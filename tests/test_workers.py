@@ -8,6 +8,7 @@ import pytest
 import ray
 import torch
 
+from hessdist import BatchLoss
 from hessdist.data import spread_indices
 from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup
 from hessdist.errors import InputError, NonFiniteError, WorkerError
@@ -338,6 +339,29 @@ def test_streamed_shards_and_a_ray_dataset_give_the_resident_products():
             np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
         finally:
             group.shutdown()
+
+
+def test_dict_batches_and_token_weighting_on_workers_equal_in_process():
+    """A GPT-2 on dict batches whose shards hold different numbers of predicted tokens: the
+    sum over workers weights every token once, as the in-process operator does; and a solve
+    through the workers finds the dense extreme eigenvalues."""
+    loss = BatchLoss("causal_lm", "predicted_tokens")
+    gpt2 = OperatorSpec(model=helpers.tiny_gpt2, data=helpers.gpt2_tokens, loss=loss, batch_size=5,
+                        dtype="float64", params=helpers.GPT2_PARAMS)
+    local = CurvatureOperator(helpers.tiny_gpt2(), loss, helpers.gpt2_tokens(), batch_size=5, dtype=torch.float64,
+                              params=helpers.GPT2_PARAMS)
+    lam = np.linalg.eigvalsh(helpers.dense_gpt2_hessian(helpers.tiny_gpt2(), helpers.gpt2_tokens()).numpy())
+    group = WorkerGroup(gpt2, 3, collective_timeout_s=30)
+    try:
+        op = DistributedOperator(group)
+        assert op.n_samples == local.n_samples
+        V = np.random.default_rng(5).standard_normal((op.n, 3))
+        ref = local.matmat(V)
+        np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+        res = lanczos(op, which="LA,SA", tol=1e-10, seed=0)
+        np.testing.assert_allclose([res.largest.values[0], res.smallest.values[0]], [lam[-1], lam[0]], rtol=1e-8)
+    finally:
+        group.shutdown()
 
 
 def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap():

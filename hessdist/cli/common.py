@@ -20,6 +20,7 @@ from ..data import PLACEMENTS
 from ..errors import InputError
 from ..examples import EXAMPLES, cifar10_dir, get_example
 from ..imports import module_root, resolve
+from ..objective import BatchLoss
 from ..params import load_state
 from ..solvers.lanczos import draw_seed
 
@@ -58,12 +59,24 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def job_loss(args: argparse.Namespace, default: Any) -> Any:
+    """``--loss`` (pairs contract), or ``--batch-loss``/``--batch-samples`` (any batch)."""
+    if args.batch_samples and not args.batch_loss:
+        raise InputError("--batch-samples counts the samples a --batch-loss averages over; give --batch-loss too")
+    if not args.batch_loss:
+        return args.loss or default
+    if args.loss:
+        raise InputError("give --loss (a loss of outputs and targets) or --batch-loss (a loss of model and batch), "
+                         "not both")
+    return BatchLoss(args.batch_loss, args.batch_samples)
+
+
 def build_job(args: argparse.Namespace, say: Callable[[str], None]) -> Job:
     if args.example:
         if args.model or args.data:
             raise InputError("give either --example or --model/--data, not both")
         ex = get_example(args.example, args.data_root, args.n_samples)
-        model_factory, data_factory, loss, paths = ex.model, ex.data, args.loss or ex.loss, ()
+        model_factory, data_factory, loss, paths = ex.model, ex.data, job_loss(args, ex.loss), ()
         note = "real"
         if args.example == "resnet18-cifar" and cifar10_dir(args.data_root) is None:
             note = "SYNTHETIC CIFAR-shaped data (no CIFAR-10 under --data-root)"
@@ -75,8 +88,9 @@ def build_job(args: argparse.Namespace, say: Callable[[str], None]) -> Job:
                              f"(one of {sorted(EXAMPLES)})")
         model_factory, data_factory = args.model, args.data
         resolve(args.model), resolve(args.data)             # fail here, clearly, not on a worker
-        loss = args.loss or "cross_entropy"
-        paths = tuple(p for p in (args.model, args.data, loss) if ":" in p)
+        loss = job_loss(args, "cross_entropy")
+        paths = tuple(p for p in (args.model, args.data, args.loss, args.batch_loss, args.batch_samples)
+                      if p and ":" in p)
         ex, note = None, "user data"
     factory = resolve(model_factory) if isinstance(model_factory, str) else model_factory
     model = factory()
@@ -232,6 +246,10 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="MOD:FN returning an nn.Module")
     p.add_argument("--data", help="MOD:FN returning a Dataset or (inputs, targets); may take rank, world_size")
     p.add_argument("--loss", help="cross_entropy (default), mse, or MOD:FN(outputs, targets) -> batch mean")
+    p.add_argument("--batch-loss", help="for batches of any shape (dicts, keyword models): model_loss "
+                   "(model(**batch).loss) or MOD:FN(model, batch) -> mean over the batch's samples")
+    p.add_argument("--batch-samples", help="what --batch-loss averages over: rows (default), predicted_tokens "
+                   "(a causal LM's labels[:, 1:] != -100) or MOD:FN(batch) -> count")
     p.add_argument("--checkpoint", help="state_dict file (loaded with weights_only=True)")
     p.add_argument("--data-root", default=os.environ.get("HESSDIST_DATA_ROOT", "data"),
                    help="folder holding cifar-10-batches-py/ (resnet18-cifar)")

@@ -18,6 +18,7 @@ from ..curvature import Agreement, CurvatureOperator
 from ..errors import HessdistError
 from ..imports import resolve
 from ..losses import LossFn
+from ..objective import BatchLoss
 from .basis import MissingBasis, SliceBasis
 
 Factory = Union[str, Callable[..., Any]]
@@ -32,7 +33,7 @@ class OperatorSpec:
 
     model: Factory
     data: Factory
-    loss: Union[str, LossFn] = "cross_entropy"
+    loss: Union[str, LossFn, BatchLoss] = "cross_entropy"
     curvature: str = "hessian"
     mode: str = "forward"
     batch_size: int = 256
