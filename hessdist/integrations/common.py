@@ -1,0 +1,418 @@
+"""What the Lightning and Hugging Face callbacks share: when to solve, where (an eigen-service or a
+background thread), collecting finished solves without blocking training, and the flat metrics.
+
+A framework callback subclasses :class:`SpectrumMonitor` and its framework's callback class,
+calls :meth:`SpectrumMonitor.after_epoch` / :meth:`~SpectrumMonitor.after_step` /
+:meth:`~SpectrumMonitor.finish` from its hooks and implements :meth:`~SpectrumMonitor._emit`
+(how one finished solve reaches the framework's loggers). The monitor also works on its own in a
+plain training loop::
+
+    monitor = SpectrumMonitor("cross_entropy", (x, y))
+    for epoch in range(epochs):
+        train_one_epoch(model)
+        monitor.after_epoch(model, epochs_done=epoch + 1, step=epoch)   # returns at once
+    solves = monitor.finish()                                          # waits for the rest
+
+Everything a monitor logs happens on the thread that calls it (the training thread): loggers are
+not thread-safe, so the background solver thread only computes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import math
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import HessdistError, InputError
+from ..solvers.ritz import Accuracy, parse_which
+
+#: the callbacks' defaults: both ends, λ_max to 1% and λ_min (often small, near 0) to 5%, relative
+DEFAULT_WHICH = "LA,SA"
+DEFAULT_RTOL: Mapping[str, float] = {"LA": 1e-2, "SA": 5e-2}
+#: metric names of the result dict's ends
+END_METRICS = {"largest": "lambda_max", "smallest": "lambda_min", "largest_magnitude": "lambda_maxabs"}
+
+
+class HessianSolveWarning(UserWarning):
+    """A Hessian solve started by a callback failed (or was still running when training ended);
+    training goes on, the message names the step and the cause."""
+
+
+@dataclass
+class Solve:
+    """One requested solve: the training ``step`` and ``epoch`` whose parameters it used, and
+    either its ``entry`` (the eigen-service's history entry, or the same dict from an in-process
+    solve: ``largest``, ``smallest``, ``intervals``, ``hvps``, ``fpe``, ``converged``, ``seed``,
+    ``warm_start``, ...) or the ``error`` it raised."""
+
+    step: int
+    epoch: float | None
+    entry: dict | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def solve_metrics(solve: Solve, prefix: str = "hessian") -> dict[str, float]:
+    """A finished solve as flat scalar metrics: ``{prefix}/lambda_max`` with ``_lo``/``_hi`` (its
+    certified interval; an unbounded side is left out) and ``_residual``, the same for
+    ``lambda_min`` (and ``lambda_maxabs`` for which="LM"; the i-th value for k > 1 is
+    ``lambda_max_{i}``), then ``hvps``, ``fpe``, ``converged`` (1/0), ``warm_start`` (1/0),
+    ``seconds``, and the ``step`` and ``epoch`` the parameters came from — a result arrives later
+    than the step it belongs to, and a logger may stamp it with the current one."""
+    entry = solve.entry or {}
+    out: dict[str, float] = {}
+    for end, name in END_METRICS.items():
+        values = entry.get(end)
+        if values is None:
+            continue
+        intervals = (entry.get("intervals") or {}).get(end) or []
+        residuals = (entry.get("residual_norms") or {}).get(end) or []
+        for i, value in enumerate(values):
+            key = f"{prefix}/{name}" + (f"_{i + 1}" if i else "")
+            out[key] = float(value)
+            if i < len(intervals):
+                lo, hi = intervals[i]
+                if lo is not None and math.isfinite(lo):
+                    out[f"{key}_lo"] = float(lo)
+                if hi is not None and math.isfinite(hi):
+                    out[f"{key}_hi"] = float(hi)
+            if i < len(residuals):
+                out[f"{key}_residual"] = float(residuals[i])
+    for key in ("hvps", "fpe", "seconds"):
+        if entry.get(key) is not None:
+            out[f"{prefix}/{key}"] = float(entry[key])
+    for key in ("converged", "warm_start"):
+        if key in entry:
+            out[f"{prefix}/{key}"] = float(bool(entry[key]))
+    out[f"{prefix}/step"] = float(solve.step)
+    if solve.epoch is not None:
+        out[f"{prefix}/epoch"] = float(solve.epoch)
+    return out
+
+
+def require(module: str, extra: str, framework: str) -> ModuleType:
+    """Import ``module`` or raise an ImportError that names the extra which installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"hessdist.integrations.{extra} needs {framework} ({exc}); install it with "
+                          f"pip install 'hessdist[{extra}]'") from exc
+
+
+class _SolverThread:
+    """One daemon thread running queued jobs in order (a warm start needs the previous result).
+    Daemon: a solve still running when the interpreter exits does not hold the exit up."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="hessdist-callback-solver", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Stop after the jobs already queued."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:     # handed to the training thread, which warns or raises
+                future.set_exception(exc)
+
+
+@dataclass
+class _Pending:
+    step: int
+    epoch: float | None
+    future: Any                 # a concurrent.futures.Future (in-process) or a ray.ObjectRef (service)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of the full state (parameters and buffers), taken now: training goes on."""
+    with torch.no_grad():
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class SpectrumMonitor:
+    """Extreme Hessian eigenvalues of a training model every ``every_n_epochs`` epochs (and/or
+    every ``every_n_steps`` optimizer steps), without blocking training.
+
+    Where: with ``service`` (a running eigen-service's name, or a handle from
+    :func:`hessdist.connect`), the state dict is submitted to it (its own model factory, loss and
+    data, see ``hessdist serve``; the state dict must fit its model). Without, the solve runs in
+    this process on a background thread, on ``data`` with ``loss`` (as for
+    :class:`~hessdist.curvature.CurvatureOperator`); ``operator_options`` go to that operator
+    unchanged (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
+    the model's). The operator is built, copying the model, at the first solve, on the calling
+    thread; later solves load a copy of the state dict taken when they were requested. Each
+    in-process solve is warm-started from the previous one's eigenvectors (as the service does).
+
+    What: ``which``/``k``/``tol``/``rtol``/``seed`` and ``solve_options`` (``max_hvps``,
+    ``max_fpe``, ``budget_s``, ``subset``, ... of :func:`hessdist.solvers.certify.solve`).
+    ``module`` names a submodule (``"net"``, ``"model.encoder"``) to analyse instead of the whole
+    model handed to the hooks — e.g. a LightningModule's network, whose state-dict keys then
+    match a service built from that network's factory.
+
+    Results are collected at later hooks (at most every ``poll_interval_s`` seconds from the
+    per-step hooks; every epoch end) and at the end of training, which waits up to
+    ``wait_timeout_s`` for solves still running, and are passed to :meth:`_emit` with the step
+    and epoch they belong to; the successful ones are also kept in :attr:`results` (in step
+    order). A failed solve is reported with a :class:`HessianSolveWarning` naming its step and
+    cause when it is collected and kept in :attr:`errors`; training goes on. ``raise_on_error=True`` raises a
+    :class:`~hessdist.errors.HessdistError` at the end of training when any failed. The default is
+    False: a diagnostic should not take from a finished run the steps that follow ``fit``/``train``
+    (saving the model, say), and each failure was already warned about when it happened."""
+
+    def __init__(self, loss: Union[str, Callable, None] = None, data: Any = None, *,
+                 service: Union[str, Any, None] = None, address: str | None = "auto",
+                 every_n_epochs: int | None = 1, every_n_steps: int | None = None,
+                 which: Union[str, Sequence[str]] = DEFAULT_WHICH, k: int = 1,
+                 tol: float | None = None, rtol: Union[float, Mapping[str, float], None] = DEFAULT_RTOL,
+                 seed: int | None = None, solve_options: Mapping[str, Any] | None = None,
+                 operator_options: Mapping[str, Any] | None = None, module: str | None = None,
+                 prefix: str = "hessian", poll_interval_s: float = 1.0, wait_timeout_s: float | None = 600.0,
+                 raise_on_error: bool = False):
+        for name, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise InputError(f"{name} must be a positive integer or None, got {n!r}")
+        if every_n_epochs is None and every_n_steps is None:
+            raise InputError("give every_n_epochs or every_n_steps (or both): otherwise nothing is ever solved")
+        if service is None and (loss is None or data is None):
+            raise InputError("an in-process solve needs loss= and data= (e.g. 'cross_entropy', (x, y)); "
+                             "or name a running eigen-service with service=")
+        if service is not None and (loss is not None or data is not None or operator_options):
+            raise InputError("an eigen-service builds its own operator (model, loss, data: hessdist serve); "
+                             "drop loss=, data= and operator_options= when service= is given")
+        clash = {"which", "k", "tol", "rtol", "seed", "previous"} & set(solve_options or {})
+        if clash:
+            raise InputError(f"solve_options {sorted(clash)} are arguments of their own: pass them directly "
+                             "(previous: each solve is warm-started from the previous one by itself)")
+        ends = parse_which(which)
+        if rtol is DEFAULT_RTOL:            # the default names both ends; keep those asked for
+            rtol = {w: v for w, v in DEFAULT_RTOL.items() if w in ends} or None
+        Accuracy.of(tol, rtol, ends)        # bad accuracy options fail here, not epochs later
+        self.loss, self.data = loss, data
+        self.service, self.address = service, address
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.which, self.k, self.tol, self.rtol, self.seed = ",".join(ends), k, tol, rtol, seed
+        self.solve_options = dict(solve_options or {})
+        self.operator_options = dict(operator_options or {})
+        self.module, self.prefix = module, prefix
+        self.poll_interval_s, self.wait_timeout_s, self.raise_on_error = poll_interval_s, wait_timeout_s, raise_on_error
+        #: the solves that finished successfully, in step order
+        self.results: list[Solve] = []
+        #: the failed solves, in the order they were collected
+        self.errors: list[Solve] = []
+        self._pending: list[_Pending] = []
+        self._handle: Any = None
+        self._op: Any = None
+        self._thread: _SolverThread | None = None
+        self._previous: dict[str, np.ndarray] | None = None
+        self._last_step: int | None = None
+        self._last_poll = -math.inf
+        self._raised = 0
+
+    # -- when ---------------------------------------------------------------------------------
+    def due_after_epoch(self, epochs_done: int) -> bool:
+        """Whether a solve is due once ``epochs_done`` epochs have been completed."""
+        return self.every_n_epochs is not None and epochs_done > 0 and epochs_done % self.every_n_epochs == 0
+
+    def due_after_step(self, step: int) -> bool:
+        """Whether a solve is due after optimizer step ``step`` (the global step count)."""
+        return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
+
+    # -- the hooks' entry points ----------------------------------------------------------------
+    def after_epoch(self, model: nn.Module, *, epochs_done: int, step: int, epoch: float | None = None) -> None:
+        """At the end of an epoch: request a solve if one is due, then collect finished ones."""
+        if self.due_after_epoch(epochs_done):
+            self.request(model, step=step, epoch=epochs_done if epoch is None else epoch)
+        self.poll()
+
+    def after_step(self, model: nn.Module, *, step: int, epoch: float | None = None) -> None:
+        """After an optimizer step: request a solve if one is due; collect finished ones at most
+        every ``poll_interval_s`` seconds (this runs every step)."""
+        if self.due_after_step(step):
+            self.request(model, step=step, epoch=epoch)
+        if time.monotonic() - self._last_poll >= self.poll_interval_s:
+            self.poll()
+
+    def request(self, model: nn.Module, *, step: int, epoch: float | None = None) -> None:
+        """Request a solve at the model's current parameters; returns at once. A second request
+        for the same step (an epoch end that is also a due step) is ignored. A failure to submit
+        (a bad option, the service gone, the operator refusing model or data) is reported like a
+        failed solve."""
+        if step == self._last_step:
+            return
+        self._last_step = step
+        target = model.get_submodule(self.module) if self.module else model
+        try:
+            if self.service is not None:
+                future = self._connect().submit(target.state_dict(), step=step, **self._solve_kwargs())
+            else:
+                future = self._submit_local(target, step)
+        except Exception as exc:
+            self._collected(Solve(step, epoch, error=exc))
+            return
+        self._pending.append(_Pending(step, epoch, future))
+
+    def poll(self, timeout_s: float | None = 0.0) -> list[Solve]:
+        """Collect the solves that have finished (waiting at most ``timeout_s`` for all pending
+        ones), pass each to :meth:`_emit` in request order and return them."""
+        self._last_poll = time.monotonic()
+        if not self._pending:
+            return []
+        done = self._finished(timeout_s)
+        ready = [p for p in self._pending if id(p.future) in done]
+        self._pending = [p for p in self._pending if id(p.future) not in done]
+        return [self._collected(self._outcome(p)) for p in ready]
+
+    def finish(self, timeout_s: float | None = None) -> list[Solve]:
+        """At the end of training: wait for the pending solves (at most ``timeout_s`` seconds,
+        default ``wait_timeout_s``, where None waits as long as they take), emit them, warn about
+        any still running (in-process ones not yet started are cancelled), and raise if
+        ``raise_on_error`` and a solve failed. Returns the solves collected."""
+        timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+        got: list[Solve] = []
+        while self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            got += self.poll(None if math.isinf(left) else left)
+        if self._pending:
+            where = ("they stay queued in the service and land in its history" if self.service is not None
+                     else "their results are dropped")
+            warnings.warn(HessianSolveWarning(
+                f"hessdist: {len(self._pending)} Hessian solve(s) (steps {[p.step for p in self._pending]}) still "
+                f"running {timeout_s} s after training ended; {where}. Raise wait_timeout_s to wait for them"),
+                stacklevel=2)
+            for p in self._pending:
+                if isinstance(p.future, concurrent.futures.Future):
+                    p.future.cancel()       # only those not started yet
+            self._pending = []
+            self._op = None                 # still in use by a running solve: a later fit builds its own
+        if self._thread is not None:
+            self._thread.close()            # exits after any job still running
+            self._thread = None
+        new_errors, self._raised = self.errors[self._raised:], len(self.errors)
+        if self.raise_on_error and new_errors:
+            first = new_errors[0]
+            raise HessdistError(f"{len(new_errors)} Hessian solve(s) failed, the first at step {first.step}: "
+                                f"{type(first.error).__name__}: {first.error}") from first.error
+        return got
+
+    @property
+    def pending(self) -> list[tuple[int, float | None]]:
+        """(step, epoch) of the solves requested and not yet collected."""
+        return [(p.step, p.epoch) for p in self._pending]
+
+    def metrics(self, solve: Solve) -> dict[str, float]:
+        """The flat metrics of a finished solve (see :func:`solve_metrics`)."""
+        return solve_metrics(solve, self.prefix)
+
+    def _emit(self, solve: Solve) -> None:
+        """Hand a successfully finished solve to the framework's loggers (the framework callbacks
+        override this; called on the training thread)."""
+
+    # -- internals ------------------------------------------------------------------------------
+    def _solve_kwargs(self) -> dict[str, Any]:
+        return dict(which=self.which, k=self.k, tol=self.tol, rtol=self.rtol, seed=self.seed, **self.solve_options)
+
+    def _connect(self) -> Any:
+        if self._handle is None:
+            if isinstance(self.service, str):
+                from ..service import connect
+                self._handle = connect(self.service, self.address)
+            else:
+                self._handle = self.service
+        return self._handle
+
+    def _operator_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        opts = dict(self.operator_options)
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if first is not None:
+            opts.setdefault("dtype", torch.float64 if first.dtype == torch.float64 else torch.float32)
+            opts.setdefault("device", first.device)
+        return opts
+
+    def _submit_local(self, model: nn.Module, step: int) -> concurrent.futures.Future:
+        if self._op is None:            # copies the model: this solve's parameters are today's
+            from ..curvature import CurvatureOperator
+            self._op = CurvatureOperator(model, self.loss, self.data, **self._operator_kwargs(model))
+            state = None
+        else:
+            state = _snapshot(model)
+        if self._thread is None:
+            self._thread = _SolverThread()
+        return self._thread.submit(self._solve_local, self._op, state, step)
+
+    def _solve_local(self, op: Any, state: dict[str, torch.Tensor] | None, step: int) -> dict:
+        """On the solver thread: the service's solve (same defaults, same entry keys), in process."""
+        from ..solvers.certify import solve
+        if state is not None:
+            op.set_parameters(state)
+        kwargs = self._solve_kwargs()
+        if kwargs["tol"] is None and kwargs["rtol"] is None:
+            kwargs["tol"] = 1e-4            # the service's default
+        previous = self._previous
+        t0 = time.time()
+        answer = solve(op, previous=previous, **kwargs)
+        vectors = {w: p.vectors for w, p in answer.result.pairs.items()}
+        if all(v is not None for v in vectors.values()):
+            self._previous = vectors
+        return {"step": step, **answer.to_dict(), "warm_start": previous is not None,
+                "wall_seconds": time.time() - t0}
+
+    def _finished(self, timeout_s: float | None) -> set[int]:
+        """ids of the pending futures that are done, waiting at most ``timeout_s`` for all."""
+        futures = [p.future for p in self._pending]
+        if isinstance(futures[0], concurrent.futures.Future):
+            done, _ = concurrent.futures.wait(futures, timeout=timeout_s)
+            return {id(f) for f in done}
+        import ray
+        ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s, fetch_local=True)
+        ready_ids = {r.hex() for r in ready}
+        return {id(f) for f in futures if f.hex() in ready_ids}
+
+    def _outcome(self, p: _Pending) -> Solve:
+        try:
+            if isinstance(p.future, concurrent.futures.Future):
+                entry = p.future.result()
+            else:
+                entry = self._connect().result(p.future)
+        except Exception as exc:
+            return Solve(p.step, p.epoch, error=exc)
+        return Solve(p.step, p.epoch, entry=entry)
+
+    def _collected(self, solve: Solve) -> Solve:
+        if solve.ok:
+            self.results.append(solve)
+            self.results.sort(key=lambda s: s.step)
+            self._emit(solve)
+        else:
+            self.errors.append(solve)
+            warnings.warn(HessianSolveWarning(
+                f"hessdist: the Hessian solve for step {solve.step} (epoch {solve.epoch}) failed: "
+                f"{type(solve.error).__name__}: {solve.error}; training goes on"), stacklevel=3)
+        return solve
