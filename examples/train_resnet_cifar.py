@@ -36,12 +36,14 @@ def plot(history: list[dict], trace: list[dict], title: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     steps = [h["step"] for h in history]
     for end, ax, color in (("largest", a, "C0"), ("smallest", b, "C3")):
         ax.errorbar(steps, [h[end][0] for h in history], yerr=[h["error_bounds"][end][0] for h in history],
                     marker="o", color=color, capsize=3)
         ax.set(xlabel="epoch", ylabel=f"λ_{'max' if end == 'largest' else 'min'}", title=f"λ_{'max' if end == 'largest' else 'min'} by epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # epochs are whole numbers: no 0.5 ticks
     hv = [t["hvps"] for t in trace]
     c.semilogy(hv, [t["LA"][1][0] for t in trace], label="residual λ_max")
     c.semilogy(hv, [t["SA"][1][0] for t in trace], label="residual λ_min")

@@ -5,7 +5,8 @@ in-process or on a Ray cluster of GPU workers.
     res = hessdist.lanczos(op, which="LA,SA", k=1)
     res.largest.values, res.smallest.values
 """
-from .errors import HessdistError, InputError, NonDeterministicError, NonFiniteError, WorkerError
+from .errors import (HessdistError, InputError, NonDeterministicError, NonFiniteError, QueueFull, Superseded,
+                     WorkerError)
 from .curvature import CurvatureOperator
 from .objective import BatchLoss
 from .operator import Operator
@@ -22,4 +23,5 @@ def connect(name: str, address: str | None = "auto"):
     return _connect(name, address)
 
 __all__ = ["connect", "BatchLoss", "CurvatureOperator", "Operator", "ParameterLayout", "lanczos", "EigenPairs", "EigenResult",
-           "HessdistError", "InputError", "NonDeterministicError", "NonFiniteError", "WorkerError"]
+           "HessdistError", "InputError", "NonDeterministicError", "NonFiniteError", "QueueFull", "Superseded",
+           "WorkerError"]

@@ -23,3 +23,20 @@ class WorkerError(HessdistError, RuntimeError):
 
 class OutOfMemory(HessdistError, MemoryError):
     """The device ran out of memory even at the smallest micro-batch that keeps the answer exact."""
+
+
+class QueueFull(HessdistError, RuntimeError):
+    """``submit`` found the service's queue full (``max_queued``) and ``when_full="reject"``:
+    the step was not queued."""
+
+
+class Superseded(HessdistError):
+    """A queued step dropped, before it ran, for a newer one (``when_full="coalesce"``).
+    ``step``: the dropped step; ``by``: the step whose submission pushed it out."""
+
+    def __init__(self, message: str, step: int | None = None, by: int | None = None):
+        super().__init__(message)
+        self.step, self.by = step, by
+
+    def __reduce__(self):                  # keep step and by through Ray's pickling
+        return type(self), (str(self), self.step, self.by)

@@ -68,14 +68,26 @@ def summary(entries: list[dict]) -> str:
 def render(out_dir: str, path: str | None = None) -> tuple[str, str]:
     """Write the figure (default ``out_dir/report.png``) and ``report.txt`` next to it; returns
     (figure path, summary text)."""
+    entries = load_history(out_dir)
+    path = path or os.path.join(out_dir, "report.png")
+    fig = figure(entries, f"hessdist: {os.path.basename(os.path.abspath(out_dir))}, {len(entries)} solves")
+    import matplotlib.pyplot as plt               # after figure() chose the Agg backend
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    text = summary(entries)
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), "report.txt"), "w") as fh:
+        fh.write(text + "\n")
+    return path, text
+
+
+def figure(entries: list[dict], title: str):
+    """The report's figure (three panels sharing the step axis, ticked at whole steps only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    entries = load_history(out_dir)
-    path = path or os.path.join(out_dir, "report.png")
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, height_ratios=(2, 2, 1.4))
     for ax, name, label, colour in ((axes[0], "largest", "λ_max", "tab:red"),
                                     (axes[1], "smallest", "λ_min", "tab:blue")):
@@ -101,11 +113,6 @@ def render(out_dir: str, path: str | None = None) -> tuple[str, str]:
         axes[2].set_xticks(steps)                          # every step labelled
     else:
         axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"hessdist: {os.path.basename(os.path.abspath(out_dir))}, {len(entries)} solves")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    text = summary(entries)
-    with open(os.path.join(os.path.dirname(os.path.abspath(path)), "report.txt"), "w") as fh:
-        fh.write(text + "\n")
-    return path, text
+    return fig

@@ -9,12 +9,20 @@ for the spectrum after every epoch without waiting for it.
 Solves are serialised inside the service (overlapping collectives would deadlock); ``status``
 is answered while a solve runs. Each solve warm-starts from the previous solve's eigenvectors.
 Results are appended to ``<out_dir>/history.jsonl`` and eigenvectors saved to
-``<out_dir>/vectors/step-<step>.pt``; a restarted service reloads both and keeps warm-starting.
+``<out_dir>/vectors/step-<step>.pt`` (the newest ``keep_vectors`` steps' files, or all); a
+restarted service reloads both and keeps warm-starting. The out-dir is made absolute by the
+client: on a cluster of several nodes it must be on storage every node sees.
+
+Each queued request holds a full copy of the parameters in the object store, so the queue is
+bounded (``max_queued``): a submit that finds it full is refused (``when_full="reject"``,
+:class:`QueueFull`) or pushes out the oldest queued steps (``"coalesce"``: their futures raise
+:class:`Superseded`, and their parameter copies are released at once).
 """
 from __future__ import annotations
 
 import collections
 import json
+import numbers
 import os
 import threading
 import time
@@ -25,7 +33,7 @@ import ray
 import torch
 
 from .workers import DistributedOperator, OperatorSpec, WorkerGroup
-from .errors import HessdistError, InputError, WorkerError
+from .errors import HessdistError, InputError, QueueFull, Superseded, WorkerError
 from .solvers.certify import solve
 from .solvers.lanczos import draw_seed
 from .solvers.ritz import Accuracy, Rtol, parse_which
@@ -36,6 +44,70 @@ SOLVE_OPTIONS = {"which", "k", "tol", "rtol", "max_hvps", "max_fpe", "budget_s",
 
 
 HISTORY = "history.jsonl"
+
+#: queued requests (not counting the running one) a service holds by default: enough to ride out
+#: a burst (a slow cold first solve, a restart) while a trainer that submits faster than the
+#: service solves, and so falls further behind with every step, hears of it at submit time
+DEFAULT_MAX_QUEUED = 8
+WHEN_FULL = ("reject", "coalesce")
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def check_queue_options(max_queued: int | None, when_full: str, keep_vectors: int | None) -> None:
+    """Refuse bad service options at the client, with a message naming the fix."""
+    if max_queued is not None and not _whole(max_queued, 1):
+        raise InputError(f"max_queued must be a whole number >= 1, or None for no limit; got {max_queued!r}")
+    if when_full not in WHEN_FULL:
+        raise InputError(f"when_full must be one of {list(WHEN_FULL)}; got {when_full!r}")
+    if keep_vectors is not None and not _whole(keep_vectors, 1):
+        raise InputError(f"keep_vectors must be a whole number >= 1 (the newest step's vectors are always kept: "
+                         f"the next solve and a restarted service warm-start from them), or None to keep every "
+                         f"step's; got {keep_vectors!r}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the NumPy scalars and arrays a result may hold (an np.int64 product count)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+#: floating dtypes NumPy holds; any other (bfloat16, float8) is sent as float32, which holds
+#: each of its values exactly
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def host_array(key: str, value: Any) -> np.ndarray:
+    """A state_dict entry as a NumPy array of its own (a copy: the trainer goes on updating the
+    tensor), with its exact values: bfloat16/float8 become float32, which represents them exactly."""
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    if not torch.is_tensor(value):
+        raise InputError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    t = value.detach()
+    dtype = torch.float32 if t.is_floating_point() and t.dtype not in _NUMPY_FLOATS else t.dtype
+    try:
+        return t.to(device="cpu", dtype=dtype, copy=True).numpy()
+    except TypeError as exc:                      # a dtype NumPy has no counterpart for (complex32, ...)
+        raise InputError(f"state_dict entry {key!r} has dtype {t.dtype}, which cannot be sent: {exc}") from None
+
+
+def _filesystem(path: str) -> str | None:
+    """The type of the filesystem ``path`` lies on (``ext4``, ``nfs4``, ...), from /proc/mounts."""
+    try:
+        with open("/proc/mounts") as fh:
+            mounts = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
 
 
 def read_history(out_dir: str) -> list[dict]:
@@ -51,8 +123,12 @@ class EigenService:
     """The actor class (see :func:`start`). All public methods are remote calls."""
 
     def __init__(self, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_worker: float = 0,
-                 group_options: dict | None = None):
+                 group_options: dict | None = None, *, max_queued: int | None = DEFAULT_MAX_QUEUED,
+                 when_full: str = "reject", keep_vectors: int | None = None):
+        check_queue_options(max_queued, when_full, keep_vectors)
         self.spec, self.out_dir = spec, os.path.abspath(out_dir)
+        self.max_queued, self.when_full, self.keep_vectors = max_queued, when_full, keep_vectors
+        self.rejected = self.superseded = 0
         os.makedirs(os.path.join(self.out_dir, "vectors"), exist_ok=True)
         self.group_options = dict(group_options or {}, gpus_per_worker=gpus_per_worker)
         self.group = WorkerGroup(spec, workers, **self.group_options)
@@ -82,22 +158,76 @@ class EigenService:
         return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
 
     def _record(self, entry: dict, vectors: dict[str, np.ndarray]) -> None:
-        """Vectors first, then one appended (flushed, fsynced) history line: a crash between
-        the two leaves an unreferenced vector file, never a history line without vectors."""
-        torch.save({k: torch.from_numpy(v) for k, v in vectors.items()}, self._vectors_path(entry["step"]))
+        """Vectors first, then one appended (flushed, fsynced) history line, then the vector
+        files ``keep_vectors`` no longer keeps (named in the entry, ``vectors_pruned``): a crash
+        between them leaves an unreferenced or an unpruned vector file, never a history line
+        without vectors. The line is encoded before anything is written."""
+        prune = self._to_prune([*self.history, entry])
+        if prune:
+            entry["vectors_pruned"] = prune
+        line = json.dumps(entry, default=_plain)
+        # torch.tensor copies: torch.from_numpy would share the array, and an array that came
+        # out of the object store is read-only (PyTorch warns, and a tensor on it must not be written)
+        torch.save({k: torch.tensor(np.asarray(v)) for k, v in vectors.items()}, self._vectors_path(entry["step"]))
         with open(self._history_path, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        for step in prune:
+            try:
+                os.remove(self._vectors_path(step))
+            except FileNotFoundError:
+                pass
+
+    def _to_prune(self, history: list[dict]) -> list[int]:
+        """Steps whose vector files are older than the newest ``keep_vectors`` solves (in the
+        order they were solved: the newest is what the next solve warm-starts from)."""
+        if self.keep_vectors is None:
+            return []
+        newest = {e["step"] for e in history[-self.keep_vectors:]}
+        return [e["step"] for e in history[:-self.keep_vectors]
+                if e["step"] not in newest and os.path.exists(self._vectors_path(e["step"]))]
+
+    def _vector_files(self) -> tuple[int, int]:
+        """(count, bytes) of the vector files in the out-dir."""
+        folder = os.path.join(self.out_dir, "vectors")
+        try:
+            sizes = [entry.stat().st_size for entry in os.scandir(folder) if entry.name.endswith(".pt")]
+        except OSError:
+            return 0, 0
+        return len(sizes), sum(sizes)
 
     # -- solves: a FIFO queue served by one thread, in the order requests arrived ----------------
     def enqueue(self, state: dict[str, np.ndarray], step: int, options: dict) -> int:
-        """Queue a solve; returns its request id at once (collect it with ``wait``)."""
+        """Queue a solve; returns its request id at once (collect it with ``wait``). With
+        ``max_queued`` requests already waiting: refuse it (``QueueFull``), or drop the oldest
+        queued ones (their ``wait`` raises ``Superseded``) and release their parameters."""
         with self._cv:
+            full = self.max_queued is not None and len(self._queue) >= self.max_queued
+            if full and self.when_full == "reject":
+                self.rejected += 1
+                del state                   # not kept alive by the traceback of the error below
+                raise QueueFull(
+                    f"the service's queue is full (steps {self._queued_steps()} wait behind the running solve; "
+                    f"max_queued={self.max_queued}, when_full='reject'): step {step} was not queued. Collect "
+                    "results before submitting more, or start the service with a larger max_queued (hessdist "
+                    "serve --max-queued N; 0 = no limit, each queued step holds a copy of the parameters) or "
+                    "with when_full='coalesce' (--when-full coalesce) to keep only the newest steps")
+            while self.max_queued is not None and len(self._queue) >= self.max_queued:
+                old_rid, _, old_step, _ = self._queue.popleft()     # its parameter copy goes with it
+                self.superseded += 1
+                self._results[old_rid] = (False, Superseded(
+                    f"step {old_step} was superseded by step {step} before it ran: the service keeps the newest "
+                    f"{self.max_queued} queued step(s) (when_full='coalesce') and released its parameters. "
+                    "Submit it again if it must be solved, or start the service with a larger max_queued or "
+                    "when_full='reject'", step=old_step, by=step))
             rid, self._next_id = self._next_id, self._next_id + 1
             self._queue.append((rid, state, step, options))
             self._cv.notify_all()
         return rid
+
+    def _queued_steps(self) -> list:
+        return [request[2] for request in list(self._queue)]
 
     @ray.method(concurrency_group="wait")
     def wait(self, rid: int) -> dict:
@@ -123,6 +253,7 @@ class EigenService:
             except Exception as exc:            # reported to the waiter and in status, never lost
                 self.last_error = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
                 outcome = (False, exc)
+            del state                           # the request's parameter copy, not held while idle
             with self._cv:
                 self._results[rid] = outcome
                 self.running = None
@@ -147,6 +278,7 @@ class EigenService:
             entry.update(cold_hvps=cold.hvps, cold_fpe=cold.fpe, hvps_saved=cold.hvps - res.hvps,
                          fpe_saved=cold.fpe - res.fpe)
         entry.update(wall_seconds=time.time() - t0, products=self.op.describe())
+        entry = json.loads(json.dumps(entry, default=_plain))     # what the history holds, returned alike
         vectors = {w: p.vectors for w, p in res.pairs.items()}
         self._record(entry, vectors)
         self.history.append(entry)
@@ -156,11 +288,15 @@ class EigenService:
     # -- management ---------------------------------------------------------------------------
     def status(self) -> dict:
         latest = self.history[-1] if self.history else None
+        files, size = self._vector_files()
         return {"workers": self.group.size, "gpus_per_worker": self.group.gpus, "pid": os.getpid(),
                 "n_params": self.op.n, "n_samples": self.op.n_samples,
-                "queued": [request[2] for request in list(self._queue)],
+                "queued": self._queued_steps(), "max_queued": self.max_queued, "when_full": self.when_full,
+                "rejected": self.rejected, "superseded": self.superseded,
                 "running": self.running, "solves": len(self.history), "last_error": self.last_error,
                 "workers_replaced": len(self.group.replacements), "out_dir": self.out_dir,
+                "out_dir_filesystem": _filesystem(self.out_dir), "node": ray.util.get_node_ip_address(),
+                "keep_vectors": self.keep_vectors, "vector_files": files, "vector_bytes": size,
                 "worker_pids": [p["pid"] for p in self.group.placements],
                 "devices": [f"{p['node']} gpus={p['gpus'] or 'none'}" for p in self.group.placements],
                 "latest": None if latest is None else {key: latest[key] for key in (
@@ -191,9 +327,22 @@ RemoteService = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=SERVICE_R
 
 
 def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_worker: float = 0,
-          group_options: dict | None = None, timeout_s: float = 300) -> "ServiceHandle":
+          group_options: dict | None = None, timeout_s: float = 300, *,
+          max_queued: int | None = DEFAULT_MAX_QUEUED, when_full: str = "reject",
+          keep_vectors: int | None = None) -> "ServiceHandle":
     """Create the named, detached service on the connected cluster and wait until its workers
-    are up. Raises if a service of that name already runs."""
+    are up. Raises if a service of that name already runs.
+
+    ``out_dir`` is made absolute here, at the client (``status()["out_dir"]``): the service
+    writes it on whichever node it runs on, and after losing its node restarts elsewhere and
+    reads it back, so on a cluster of several nodes it must be on storage every node sees.
+    ``max_queued``: steps that may wait behind the running one (each holds a copy of the
+    parameters; None: no limit); ``when_full``: ``"reject"`` (``submit`` raises
+    :class:`QueueFull`) or ``"coalesce"`` (the oldest queued steps make way; their futures raise
+    :class:`Superseded`). ``keep_vectors``: keep the vector files of the newest N solves (None:
+    every step's); history.jsonl keeps every entry."""
+    check_queue_options(max_queued, when_full, keep_vectors)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
     try:
         ray.get_actor(name, namespace=NAMESPACE)
         raise InputError(f"a hessdist service named {name!r} already runs; stop it first "
@@ -201,7 +350,8 @@ def start(name: str, spec: OperatorSpec, workers: int, out_dir: str, gpus_per_wo
     except ValueError:
         pass
     actor = RemoteService.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(
-        spec, workers, out_dir, gpus_per_worker, group_options)
+        spec, workers, out_dir, gpus_per_worker, group_options, max_queued=max_queued, when_full=when_full,
+        keep_vectors=keep_vectors)
     handle = ServiceHandle(name, actor)
     try:
         ray.get(actor.status.remote(), timeout=timeout_s)
@@ -223,6 +373,13 @@ def connect(name: str, address: str | None = "auto") -> "ServiceHandle":
                          f"`hessdist serve --name {name} ...`") from None
 
 
+def _local(exc: HessdistError) -> HessdistError:
+    """The service's error raised afresh here (its type, message and fields; no Ray wrapper)."""
+    err = type(exc)(str(exc))
+    err.__dict__.update(vars(exc))
+    return err
+
+
 class ServiceHandle:
     """What a trainer holds: submit without waiting, collect results, read history and status."""
 
@@ -233,12 +390,17 @@ class ServiceHandle:
         """Queue a solve at these parameters (copied now: the trainer may keep updating its
         model) and return a future at once. Solves run in the order they were submitted.
         Options: which, k, tol, rtol, max_hvps, max_fpe, budget_s, subset, compare_cold, seed,
-        block, max_basis, confidence (as for :func:`hessdist.solvers.certify.solve`)."""
+        block, max_basis, confidence (as for :func:`hessdist.solvers.certify.solve`).
+
+        bfloat16 (and float8) tensors are sent as float32, which holds their values exactly.
+        Raises :class:`QueueFull` when the service's queue is full and it rejects; with
+        ``when_full="coalesce"`` the future of a step pushed out by newer ones raises
+        :class:`Superseded` from :meth:`result`."""
         unknown = set(options) - SOLVE_OPTIONS
         if unknown:
             raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")
         Accuracy.of(options.get("tol"), options.get("rtol"), parse_which(options.get("which", "LA,SA")))
-        state = {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
+        state = {k: host_array(k, v) for k, v in state_dict.items()}
         rid = self._ask("enqueue", ray.put(state), step, options)
         return self.actor.wait.remote(rid)
 
@@ -248,7 +410,7 @@ class ServiceHandle:
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, HessdistError):
-                raise type(cause)(str(cause)) from None
+                raise _local(cause) from None
             raise
         except ray.exceptions.RayActorError as exc:
             raise WorkerError(f"the service {self.name!r} died while this request was queued or running "
@@ -280,6 +442,11 @@ class ServiceHandle:
                 raise WorkerError(f"the service {self.name!r} is gone: it was stopped or used up its "
                                   f"{SERVICE_RESTARTS} restarts ({exc.__class__.__name__}). Start it again with "
                                   "`hessdist serve` (the same --out-dir keeps its history)") from None
+            except ray.exceptions.RayTaskError as exc:      # the service refused the call (QueueFull, ...)
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, HessdistError):
+                    raise _local(cause) from None
+                raise
 
     def stop(self) -> None:
         """Stop the workers and remove the service."""

@@ -155,14 +155,14 @@ class ShardedKrylovBasis(KrylovBasis):
     def add_start(self, v: np.ndarray) -> float:
         left = self._same_on_every_rank(self._call("basis_add_start", ray.put(np.asarray(v, dtype=np.float64))),
                                         "a start vector")
-        self._size += left > 0
+        self._size += int(left > 0)
         return left
 
     def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
         results = self._call("basis_expand", j, count)
         cols = [self._same_on_every_rank([r[i] for r in results], f"step {j + i}") for i in range(count)]
         self.op.count(count)
-        self._size += sum(col[-1] > 0 for col in cols)
+        self._size += sum(int(col[-1] > 0) for col in cols)      # ints: counts end up in JSON
         return cols
 
     def compress(self, Y: np.ndarray, expanded: int) -> None:

@@ -163,7 +163,7 @@ class CurvatureWorker:
         return self._rank0(self._op(fraction).matmat(np.asarray(V)))
 
     def loss_and_gradient(self, theta: np.ndarray | None = None):
-        loss, g = self.op.loss_and_gradient(None if theta is None else torch.from_numpy(theta))
+        loss, g = self.op.loss_and_gradient(None if theta is None else torch.tensor(theta))   # a copy: theta is read-only (object store)
         return self._rank0((loss, g.cpu().numpy()))
 
     def parameters(self) -> np.ndarray | None:
