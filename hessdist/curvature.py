@@ -251,7 +251,7 @@ class CurvatureOperator(Operator):
             g, value = value_and_grad(p, b)
             return torch.cat([value.reshape(1), self.layout.flatten(g)])
 
-        total = self._sum_over_data(batch, "loss and gradient")
+        total = self._sum_over_data(batch, "loss and gradient", (self.n + 1,))
         total /= self.n_samples
         return float(total[0]), total[1:]
 
@@ -266,17 +266,22 @@ class CurvatureOperator(Operator):
         processes nor divided by the sample count (a sharded basis reduce-scatters it)."""
         T = V.T.to(device=self.device, dtype=self.dtype).contiguous()   # (k, n): one row per column
         p = self.layout.gather(self.model)
-        return self._sum_over_data(lambda b: self._batch_product(p, b, T), "curvature product", reduce=False)
+        return self._sum_over_data(lambda b: self._batch_product(p, b, T), "curvature product", tuple(T.shape),
+                                   reduce=False)
 
-    def _sum_over_data(self, fn: Callable[[Batch], torch.Tensor], what: str, reduce: bool = True) -> torch.Tensor:
-        """Σ over every batch of ``fn(batch)`` in float64, then (``reduce``) the reducer."""
-        total, error = None, None
+    def _sum_over_data(self, fn: Callable[[Batch], torch.Tensor], what: str, shape: tuple[int, ...],
+                       reduce: bool = True) -> torch.Tensor:
+        """Σ over every batch of ``fn(batch)`` (of ``shape``) in float64, then (``reduce``) the
+        reducer. Zeros where no batch holds a sample the loss counts (a shard of fully masked
+        tokens), so such a rank still joins the sum."""
+        total = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        error = None
         try:
             with self._precision():
                 for i, b in enumerate(self.batches):
                     part = self._over_micro_batches(fn, b, i, what)
                     if part is not None:
-                        total = part if total is None else total.add_(part)
+                        total.add_(part)
         except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
             error = self._no_derivative(exc) if missing_derivative(exc) else exc
         self._agree(error)
@@ -410,9 +415,17 @@ class CurvatureOperator(Operator):
     def _check_first_batch(self) -> None:
         """One gradient on the first batch: the loss is finite and every parameter is used."""
         batch = self.batches.first()
+
+        def head() -> Batch:                      # the first micro-batch (whose size may halve)
+            return take(batch, slice(0, self.micro_batch))
+
+        self.objective.check(batch)
+        if not self.objective.pairs and self.objective.count(head()) == 0:
+            raise InputError(f"the first {rows(head())} rows hold no sample the loss counts (e.g. every label "
+                             "is -100), so their mean loss is 0/0; put counted samples first or check the labels")
         q = self._leaves(self.layout.gather(self.model))
         try:
-            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, take(batch, slice(0, self.micro_batch))))
+            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, head()))
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
             form = "(inputs, targets)" if self.objective.pairs else "batch"
             raise InputError(f"the model and loss failed on the first batch ({form} {describe(batch)}): "

@@ -109,6 +109,15 @@ def _in_memory(data: Any) -> bool:
         isinstance(v, (torch.Tensor, tuple, list, Mapping)) for v in (data.values() if isinstance(data, Mapping) else data))
 
 
+def _per_sample_list(data: Any, pairs: bool) -> bool:
+    """A Python list of samples (dicts, or (input, target) pairs for a pairs loss) rather than
+    the columns of one batch: it would be read as a batch whose rows are the samples' parts."""
+    if not isinstance(data, list) or not data:
+        return False
+    kinds = (Mapping, tuple, list) if pairs else (Mapping,)
+    return all(isinstance(v, kinds) for v in data)
+
+
 def is_ray_dataset(data: Any) -> bool:
     return type(data).__module__.startswith("ray.data")
 
@@ -155,6 +164,11 @@ class HostData:
                  columns: tuple[str, str] | None = None, keep: torch.Tensor | None = None, pairs: bool = True):
         if batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+        if _per_sample_list(data, pairs):
+            raise InputError(f"data is a list of {len(data)} samples ({describe(data[0])} each); hessdist reads "
+                             "in-memory data as one batch with one row per sample: stack the samples into "
+                             "tensors (a dict of tensors, or an (inputs, targets) pair), or wrap the list in a "
+                             "torch.utils.data.Dataset (with a DataLoader and collate_fn for ragged sequences)")
         if not (_in_memory(data) or isinstance(data, (Dataset, DataLoader)) or is_ray_dataset(data)):
             raise InputError(f"data must be a Dataset, a DataLoader, a ray.data dataset or an (inputs, targets) "
                              f"pair of tensors (any tuple/dict of tensors for a BatchLoss), got {type(data).__name__}")

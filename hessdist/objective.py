@@ -17,6 +17,7 @@ the data are batched, micro-batched or sharded. Two contracts:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
@@ -30,6 +31,8 @@ from .imports import resolve
 from .losses import BATCH_LOSSES, BATCH_SAMPLES, LossFn, get_loss
 
 Call = Callable[..., Any]
+#: what a sample is for a named loss when ``samples`` is not given (else: a row)
+DEFAULT_SAMPLES = {"causal_lm": "predicted_tokens"}
 
 
 def call_with(inputs: Any, call: Call) -> Any:
@@ -74,11 +77,14 @@ class PairLoss:
     def count(self, batch: Any) -> int:
         return len(batch[1])
 
+    def check(self, batch: Any) -> None:
+        """Nothing to check: a sample is a row of targets."""
+
 
 @dataclass(frozen=True)
 class BatchLoss:
     """The any-batch contract: ``loss(model, batch)`` → the MEAN loss over the batch's samples;
-    ``samples(batch)`` → how many (default: rows). Each a callable, an import path
+    ``samples(batch)`` → how many (default: the predicted tokens for ``"causal_lm"``, else rows). Each a callable, an import path
     ``"pkg.mod:fn"`` or a name (``loss``: ``"model_loss"``, ``"causal_lm"``; ``samples``:
     ``"rows"``, ``"predicted_tokens"``); names and paths keep it picklable for Ray workers."""
 
@@ -91,7 +97,9 @@ class BatchLoss:
 
     @functools.cached_property
     def _functions(self) -> tuple[Callable, Callable | None]:
-        return _named(self.loss, BATCH_LOSSES, "batch loss"), _named(self.samples, BATCH_SAMPLES, "sample count")
+        samples = DEFAULT_SAMPLES.get(self.loss, None) if self.samples is None and isinstance(self.loss, str) \
+            else self.samples
+        return _named(self.loss, BATCH_LOSSES, "batch loss"), _named(samples, BATCH_SAMPLES, "sample count")
 
     def loss_sum(self, model: Call, batch: Any) -> torch.Tensor:
         return self._functions[0](model, batch) * self.count(batch)
@@ -99,6 +107,15 @@ class BatchLoss:
     def count(self, batch: Any) -> int:
         counter = self._functions[1]
         return rows(batch) if counter is None else int(counter(batch))
+
+    def check(self, batch: Any) -> None:
+        """Warn when rows are counted for a loss that averages over tokens: the operator would
+        then depend on how the data are batched (padded batches weigh their tokens differently)."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if self.samples is None and self.loss == "model_loss" and getattr(labels, "ndim", 0) >= 2:
+            warnings.warn("BatchLoss('model_loss') on token-level labels counts rows as samples, but the model's "
+                          "loss is a mean over tokens: pass samples='predicted_tokens' (CLI --batch-samples "
+                          "predicted_tokens) for the token mean of the whole data set", UserWarning, stacklevel=3)
 
 
 Objective = Union[PairLoss, BatchLoss]

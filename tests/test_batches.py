@@ -36,8 +36,10 @@ def test_gpt2_dict_batches_weight_every_predicted_token(gpt2):
     assert op.n == H.shape[0] == 64
     assert op.n_samples == int((data["labels"][:, 1:] != -100).sum())      # tokens, not sequences
     np.testing.assert_allclose(dense(op), H, rtol=0, atol=1e-10 * np.abs(H).max())
-    # the same loss counted by rows (sequences) weights short sequences too much: a different matrix
-    rows = CurvatureOperator(model, BatchLoss("causal_lm"), data, batch_size=7, dtype=torch.float64,
+    # causal_lm counts predicted tokens by default; the same loss counted by rows (sequences) weights
+    # short sequences too much: a different matrix
+    assert BatchLoss("causal_lm").count(data) == op.n_samples
+    rows = CurvatureOperator(model, BatchLoss("causal_lm", "rows"), data, batch_size=7, dtype=torch.float64,
                              params=helpers.GPT2_PARAMS)
     assert rows.n_samples == 48 and np.abs(dense(rows) - H).max() > 1e-3 * np.abs(H).max()
     # the model's own loss (Hugging Face computes it in float32) agrees to float32 accuracy
@@ -136,6 +138,33 @@ def test_bad_batches_are_named():
                           dtype=torch.float64)
     with pytest.raises(InputError, match="need data_columns=.*or a BatchLoss"):
         CurvatureOperator(model, "cross_entropy", DictSamples(data), dtype=torch.float64)
+    samples = [DictSamples(data)[i] for i in range(5)]          # a list of per-sample dicts, not one batch
+    with pytest.raises(InputError, match="list of 5 samples.*stack the samples"):
+        CurvatureOperator(model, TOKENS, samples, dtype=torch.float64)
+    x, y = helpers.digits_subset(4)
+    with pytest.raises(InputError, match="list of 4 samples"):
+        CurvatureOperator(nn.Linear(64, 10).double(), "cross_entropy", list(zip(x, y)), dtype=torch.float64)
+    with pytest.raises(InputError, match="the data hold no samples the loss counts"):
+        CurvatureOperator(model, TOKENS, {**data, "labels": torch.full_like(data["labels"], -100)})
+    first_masked = {**data, "labels": data["labels"].clone()}
+    first_masked["labels"][:4] = -100
+    with pytest.raises(InputError, match="the first 4 rows hold no sample the loss counts"):
+        CurvatureOperator(model, TOKENS, first_masked, batch_size=4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="samples='predicted_tokens'"):
+        CurvatureOperator(model, BatchLoss("model_loss"), data, dtype=torch.float64, params=helpers.GPT2_PARAMS)
+
+
+def test_batches_without_counted_tokens_add_nothing(gpt2):
+    """Sequences whose labels are all masked count no sample: their batches add nothing, the
+    same matrix as without them."""
+    model, data, H = gpt2
+    masked = {**data, "labels": data["labels"].clone()}
+    masked["labels"][8:] = -100                       # batches of 8: only the first one counts tokens
+    op = CurvatureOperator(model, TOKENS, masked, batch_size=8, dtype=torch.float64, params=helpers.GPT2_PARAMS)
+    first = CurvatureOperator(model, TOKENS, {k: v[:8] for k, v in data.items()}, batch_size=8,
+                              dtype=torch.float64, params=helpers.GPT2_PARAMS)
+    assert op.n_samples == first.n_samples
+    np.testing.assert_allclose(dense(op), dense(first), rtol=0, atol=1e-12 * np.abs(H).max())
 
 
 def test_fused_attention_without_second_derivatives_is_explained():

@@ -248,8 +248,9 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", help="cross_entropy (default), mse, or MOD:FN(outputs, targets) -> batch mean")
     p.add_argument("--batch-loss", help="for batches of any shape (dicts, keyword models): model_loss "
                    "(model(**batch).loss) or MOD:FN(model, batch) -> mean over the batch's samples")
-    p.add_argument("--batch-samples", help="what --batch-loss averages over: rows (default), predicted_tokens "
-                   "(a causal LM's labels[:, 1:] != -100) or MOD:FN(batch) -> count")
+    p.add_argument("--batch-samples", help="what --batch-loss averages over: rows, predicted_tokens "
+                   "(a causal LM's labels[:, 1:] != -100; the default for causal_lm, else rows) or "
+                   "MOD:FN(batch) -> count")
     p.add_argument("--checkpoint", help="state_dict file (loaded with weights_only=True)")
     p.add_argument("--data-root", default=os.environ.get("HESSDIST_DATA_ROOT", "data"),
                    help="folder holding cifar-10-batches-py/ (resnet18-cifar)")
