@@ -23,10 +23,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hessdist.curvature import CurvatureOperator
-from hessdist.errors import HessdistError, InputError
+from hessdist.errors import HessdistError, InputError, Superseded
 from hessdist.examples import digits
 from hessdist.integrations import DEFAULT_RTOL, HessianSolveWarning, SpectrumMonitor
-from hessdist.integrations.common import require
+from hessdist.integrations.common import _Pending, require
 from hessdist.integrations.huggingface import HessianCallback as HFHessianCallback
 from hessdist.integrations.lightning import HessianCallback as PLHessianCallback
 from hessdist.solvers.certify import solve
@@ -188,7 +188,7 @@ def test_lightning_logs_match_in_process_solves(data, tmp_path):
     steps = sorted(snapshots.states)
     assert steps == [4, 8, 12]                      # 256 samples in batches of 64: 4 steps an epoch
     pending, finished = gate_cb.seen
-    assert pending == [(4, 0), (8, 1)] and finished == []      # two epochs trained while both solves waited
+    assert pending == [(4, 1), (8, 2)] and finished == []      # two epochs trained while both solves waited
     assert gate_cb.before_end == [4, 8]             # logged by the callback's polls during the third epoch
     assert [s.step for s in hessian.results] == steps and not hessian.errors and not hessian.pending
 
@@ -197,7 +197,7 @@ def test_lightning_logs_match_in_process_solves(data, tmp_path):
         rows = [r for r in csv.DictReader(fh) if r.get("hessian/lambda_max")]
     rows.sort(key=lambda r: int(r["step"]))
     assert [int(r["step"]) for r in rows] == steps
-    assert [float(r["hessian/step"]) for r in rows] == steps and [float(r["hessian/epoch"]) for r in rows] == [0, 1, 2]
+    assert [float(r["hessian/step"]) for r in rows] == steps and [float(r["hessian/epoch"]) for r in rows] == [1, 2, 3]
     logged = [{k: float(v) for k, v in r.items() if k.startswith("hessian/") and v != ""} for r in rows]
 
     states = [snapshots.states[s] for s in steps]
@@ -371,6 +371,36 @@ def test_options_are_checked_up_front_and_imports_name_the_extra(data):
     assert [s for s in range(13) if steps.due_after_step(s)] == [4, 8, 12] and not steps.due_after_epoch(4)
     with pytest.raises(ImportError, match=r"pip install 'hessdist\[lightning\]'"):
         require("hessdist_no_such_module", "lightning", "PyTorch Lightning")
+    with pytest.raises(InputError, match=r"unknown solve_options \['max_hvp'\]"):
+        SpectrumMonitor("cross_entropy", (x, y), solve_options={"max_hvp": 10})
+    with pytest.raises(InputError, match=r"unknown solve_options \['basis_dtype'\] for an eigen-service"):
+        SpectrumMonitor(service="svc", solve_options={"basis_dtype": torch.float32})
+    SpectrumMonitor("cross_entropy", (x, y), solve_options={"max_basis": 10, "subset": None, "max_fpe": 5})
+    with pytest.raises(InputError, match=r"no submodule 'nett'.*children are \['0', '1', '2'\]"):
+        SpectrumMonitor("cross_entropy", (x, y), module="nett").request(mlp(), step=1)
+
+
+def test_a_lightning_callback_with_a_misspelt_module_stops_before_training(data):
+    x, y = data
+    cb = PLHessianCallback("cross_entropy", (x, y), module="nett")
+    module = LitMLP(mlp())
+    before = clone_state(module)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    with pytest.raises(InputError, match="no submodule 'nett'"):
+        lightning_trainer([cb], False, epochs=1).fit(module, loader)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())   # not one step was taken
+
+
+def test_a_superseded_step_is_listed_not_reported_as_failed(data):
+    x, y = data
+    monitor = SpectrumMonitor("cross_entropy", (x, y))
+    future = concurrent.futures.Future()
+    future.set_exception(Superseded("step 3 was superseded by step 4", 3, 4))
+    monitor._pending.append(_Pending(3, 1.0, future))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # no HessianSolveWarning
+        assert monitor.poll() == []
+    assert monitor.superseded == [3] and monitor.errors == [] and monitor.results == []
 
 
 # -- the eigen-service path ------------------------------------------------------------------------
@@ -433,7 +463,7 @@ def test_lightning_with_the_eigen_service_logs_its_history(ray_cluster, tmp_path
     logged = sorted((row for row in logger.rows if "hessian/lambda_max" in row[1]), key=lambda r: r[0])
     assert [step for step, _ in logged] == steps
     for (step, m), h in zip(logged, history):
-        assert m["hessian/step"] == step and m["hessian/epoch"] == steps.index(step)
+        assert m["hessian/step"] == step and m["hessian/epoch"] == steps.index(step) + 1
         assert m["hessian/lambda_max"] == h["largest"][0] and m["hessian/lambda_min"] == h["smallest"][0]
         assert [m["hessian/lambda_max_lo"], m["hessian/lambda_max_hi"]] == h["intervals"]["largest"][0]
         assert [m["hessian/lambda_min_lo"], m["hessian/lambda_min_hi"]] == h["intervals"]["smallest"][0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
+import inspect
 import math
 import queue
 import threading
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import HessdistError, InputError
+from ..errors import HessdistError, InputError, Superseded
 from ..solvers.ritz import Accuracy, parse_which
 
 #: the callbacks' defaults: both ends, λ_max to 1% and λ_min (often small, near 0) to 5%, relative
@@ -101,6 +102,17 @@ def solve_metrics(solve: Solve, prefix: str = "hessian") -> dict[str, float]:
     if solve.epoch is not None:
         out[f"{prefix}/epoch"] = float(solve.epoch)
     return out
+
+
+def _solve_options(service: bool) -> set[str]:
+    """The ``solve_options`` a monitor may pass: the service's submit options, or those of the
+    in-process default path (:func:`~hessdist.solvers.certify.solve` and the Lanczos it runs)."""
+    from ..service import SOLVE_OPTIONS
+    from ..solvers.lanczos import lanczos
+    if service:
+        return SOLVE_OPTIONS - {"which", "k", "tol", "rtol", "seed"}
+    own = {"op", "which", "k", "tol", "rtol", "seed", "v0", "return_vectors", "callback"}
+    return ({*inspect.signature(lanczos).parameters} - own) | {"subset"}
 
 
 def require(module: str, extra: str, framework: str) -> ModuleType:
@@ -208,6 +220,11 @@ class SpectrumMonitor:
         if clash:
             raise InputError(f"solve_options {sorted(clash)} are arguments of their own: pass them directly "
                              "(previous: each solve is warm-started from the previous one by itself)")
+        allowed = _solve_options(service is not None)
+        unknown = set(solve_options or {}) - allowed
+        if unknown:
+            where = "an eigen-service" if service is not None else "an in-process solve"
+            raise InputError(f"unknown solve_options {sorted(unknown)} for {where}; use {sorted(allowed)}")
         ends = parse_which(which)
         if rtol is DEFAULT_RTOL:            # the default names both ends; keep those asked for
             rtol = {w: v for w, v in DEFAULT_RTOL.items() if w in ends} or None
@@ -224,6 +241,8 @@ class SpectrumMonitor:
         self.results: list[Solve] = []
         #: the failed solves, in the order they were collected
         self.errors: list[Solve] = []
+        #: steps an eigen-service started with ``when_full="coalesce"`` dropped for newer ones
+        self.superseded: list[int] = []
         self._pending: list[_Pending] = []
         self._handle: Any = None
         self._op: Any = None
@@ -265,7 +284,7 @@ class SpectrumMonitor:
         if step == self._last_step:
             return
         self._last_step = step
-        target = model.get_submodule(self.module) if self.module else model
+        target = self.target(model)
         try:
             if self.service is not None:
                 future = self._connect().submit(target.state_dict(), step=step, **self._solve_kwargs())
@@ -276,6 +295,18 @@ class SpectrumMonitor:
             return
         self._pending.append(_Pending(step, epoch, future))
 
+    def target(self, model: nn.Module) -> nn.Module:
+        """The module analysed: ``model``, or its submodule ``module`` (the framework callbacks
+        call this when training starts, so a misspelt name fails then, not an epoch later)."""
+        if not self.module:
+            return model
+        try:
+            return model.get_submodule(self.module)
+        except AttributeError:
+            names = [n for n, _ in model.named_children()]
+            raise InputError(f"the model has no submodule {self.module!r} (module=); its children are "
+                             f"{names}") from None
+
     def poll(self, timeout_s: float | None = 0.0) -> list[Solve]:
         """Collect the solves that have finished (waiting at most ``timeout_s`` for all pending
         ones), pass each to :meth:`_emit` in request order and return them."""
@@ -285,7 +316,8 @@ class SpectrumMonitor:
         done = self._finished(timeout_s)
         ready = [p for p in self._pending if id(p.future) in done]
         self._pending = [p for p in self._pending if id(p.future) not in done]
-        return [self._collected(self._outcome(p)) for p in ready]
+        collected = [self._collected(self._outcome(p)) for p in ready]
+        return [s for s in collected if s is not None]
 
     def finish(self, timeout_s: float | None = None) -> list[Solve]:
         """At the end of training: wait for the pending solves (at most ``timeout_s`` seconds,
@@ -405,7 +437,12 @@ class SpectrumMonitor:
             return Solve(p.step, p.epoch, error=exc)
         return Solve(p.step, p.epoch, entry=entry)
 
-    def _collected(self, solve: Solve) -> Solve:
+    def _collected(self, solve: Solve) -> Solve | None:
+        """Emit and keep a finished solve, warn about a failed one; a superseded step is listed
+        in :attr:`superseded` (the service dropped it, as asked) and returns None."""
+        if isinstance(solve.error, Superseded):
+            self.superseded.append(solve.step)
+            return None
         if solve.ok:
             self.results.append(solve)
             self.results.sort(key=lambda s: s.step)

@@ -62,6 +62,7 @@ class HessianCallback(SpectrumMonitor, TrainerCallback):
         if self._trainer is None:
             raise InputError("HessianCallback is not bound to its Trainer, so it cannot log: add it with "
                              "HessianCallback(...).attach(trainer), or call cb.bind(trainer) before train()")
+        self.target(self._model(kwargs))         # a misspelt module= fails now, not an epoch later
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:

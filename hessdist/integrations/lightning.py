@@ -8,11 +8,13 @@ Hessian every N epochs, logged through the trainer's loggers without blocking tr
 
 Each result is logged with ``logger.log_metrics(metrics, step=<the global step it was requested
 at>)`` on every logger in ``trainer.loggers`` once it arrives (at a later batch or epoch end, or
-at the end of training); the metrics also carry ``hessian/step`` and ``hessian/epoch``
-(Lightning's 0-based ``current_epoch``). Only global rank 0 requests solves.
+at the end of training); the metrics also carry ``hessian/step`` and ``hessian/epoch`` (the
+epochs completed, fractional for a solve requested mid-epoch — as the Hugging Face callback
+counts). Only global rank 0 requests solves.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .common import Solve, SpectrumMonitor, require
@@ -33,17 +35,19 @@ class HessianCallback(SpectrumMonitor, Callback):
     _trainer: "pl.Trainer | None" = None
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.target(pl_module)                   # a misspelt module= fails now, not an epoch later
         self._trainer = trainer
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.is_global_zero:
-            self.after_step(pl_module, step=trainer.global_step, epoch=trainer.current_epoch)
+        if trainer.is_global_zero:              # epoch: epochs done, fractional (as Hugging Face counts)
+            per_epoch = trainer.num_training_batches
+            done = (batch_idx + 1) / per_epoch if math.isfinite(per_epoch) and per_epoch > 0 else 0.0
+            self.after_step(pl_module, step=trainer.global_step, epoch=trainer.current_epoch + done)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:
-            self.after_epoch(pl_module, epochs_done=trainer.current_epoch + 1, step=trainer.global_step,
-                             epoch=trainer.current_epoch)
+            self.after_epoch(pl_module, epochs_done=trainer.current_epoch + 1, step=trainer.global_step)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:
