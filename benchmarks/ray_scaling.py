@@ -84,10 +84,12 @@ def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...]) -> d
         product = max(s["product"] / s["columns"] for s in seconds)
         worker_step = max(s["expand"] / s["columns"] for s in seconds)
         collectives = max(s["collectives"] / s["columns"] for s in seconds)
+        gathered = max(s["gathered_bytes"] / s["columns"] for s in seconds)
         rows.append({"workers": workers, "n_params": op.n, "n_samples": samples, "steps": len(stamps),
                      "basis_vectors_at_end": int(op.basis.size),
                      "product_s": product, "worker_step_s": worker_step, "driver_step_s": driver_step,
-                     "collectives_s": collectives,
+                     "collectives_s": collectives, "gathered_bytes_per_column": gathered,
+                     "product_dtype": group.spec.dtype,
                      "basis_work_on_workers_s": worker_step - product - collectives,
                      "overhead_on_workers_s": worker_step - product,
                      "overhead_beyond_product_and_collectives_s": driver_step - product - collectives,

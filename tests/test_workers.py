@@ -42,8 +42,8 @@ def cluster():
     ray.shutdown()
 
 
-def spec(curvature="hessian", data=data_factory, model=helpers.cnn_bn, **kw):
-    return OperatorSpec(model=model, data=data, curvature=curvature, batch_size=32, dtype="float64", **kw)
+def spec(curvature="hessian", data=data_factory, model=helpers.cnn_bn, dtype="float64", **kw):
+    return OperatorSpec(model=model, data=data, curvature=curvature, batch_size=32, dtype=dtype, **kw)
 
 
 def in_process(curvature="hessian"):
@@ -135,6 +135,30 @@ def test_sharded_ggn_and_lopsided_shards_match_in_process():
             assert_same_solve(dist, local, dense_spectrum(curvature))
         finally:
             group.shutdown()
+
+
+def test_float32_products_gather_float32_vectors_and_match_in_process():
+    """float32 products on a sharded float64 basis: the all-gather sends the vectors in float32,
+    the precision the product reads them in (half the bytes), and the solve still matches the
+    in-process float32 solve and the dense eigenvalues to float32 accuracy."""
+    lam = dense_spectrum("hessian")
+    group = WorkerGroup(spec(dtype="float32"), 2, collective_timeout_s=30)
+    try:
+        op = DistributedOperator(group)
+        dist = lanczos(op, which="LA,SA", k=2, rtol=1e-4, seed=5, return_vectors=False)
+        basis = op.krylov_basis(capacity=4)
+        basis.add_start(np.random.default_rng(0).standard_normal(op.n))
+        basis.expand(0)
+        gathered = [s["gathered_bytes"] for s in group.run("basis_seconds", basis.id)]
+    finally:
+        group.shutdown()
+    local = lanczos(CurvatureOperator(helpers.cnn_bn(), "cross_entropy", data_factory(), batch_size=32,
+                                      dtype=torch.float32), which="LA,SA", k=2, rtol=1e-4, seed=5)
+    assert dist.converged and local.converged
+    for end, truth in (("LA", lam[::-1][:2]), ("SA", lam[:2])):
+        np.testing.assert_allclose(dist.pairs[end].values, local.pairs[end].values, rtol=1e-4)
+        np.testing.assert_allclose(dist.pairs[end].values, truth, rtol=2e-4)
+    assert gathered == [2 * -(-op.n // 2) * 4] * 2       # one column, every rank's slice: 4 bytes an entry
 
 
 def test_auto_mode_is_one_choice_for_every_rank_and_reported():

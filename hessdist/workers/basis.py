@@ -3,7 +3,9 @@
 Rank r of W holds columns [r·s, (r+1)·s) (s = ⌈n/W⌉) of every basis vector. A step:
 
 1. all-gather the slices of the vectors to expand (every rank needs whole vectors: its model
-   replica is perturbed along all parameters);
+   replica is perturbed along all parameters), in the precision the product reads them in —
+   float32 products get float32 vectors, so the all-gather moves half the bytes of a float64
+   basis and the product sees the very same values;
 2. each rank's partial product over its data shard; reduce-scatter the partial sums, so each
    rank receives its slice of the full-data product (the same traffic as one all-reduce);
 3. Gram–Schmidt on the slices, the m+1 dot products all-reduced; append.
@@ -56,9 +58,12 @@ class SliceBasis:
         self.step = -(-self.n // self.world)
         self.lo, self.hi = min(self.n, self.rank * self.step), min(self.n, (self.rank + 1) * self.step)
         self.rows = BasisRows(self.hi - self.lo, min(capacity, self.n), dtype, op.device, reduce=_all_reduce)
+        #: the narrower of the basis's and the product's precision: what the product casts to anyway
+        self.gather_dtype = min(dtype, op.dtype, key=lambda d: torch.finfo(d).bits)
         #: seconds in expand: in all, in the partial products and in the collectives (the traffic of
-        #: one all-reduce, which a replicated product pays too); the rest is the basis's own work
-        self.seconds = {"expand": 0.0, "product": 0.0, "collectives": 0.0, "columns": 0}
+        #: one all-reduce, which a replicated product pays too); the rest is the basis's own work.
+        #: Also the bytes this rank received in the all-gathers and columns expanded.
+        self.seconds = {"expand": 0.0, "product": 0.0, "collectives": 0.0, "columns": 0, "gathered_bytes": 0}
 
     def add_start(self, v: np.ndarray) -> float:
         return self.rows.add_start(torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device),
@@ -78,6 +83,7 @@ class SliceBasis:
         gathered = torch.empty(self.world * padded.numel(), dtype=mine.dtype, device=mine.device)
         with self._timed("collectives"):
             _all_gather(gathered, padded.reshape(-1))                            # flat: what gloo accepts
+        self.seconds["gathered_bytes"] += gathered.numel() * gathered.element_size()
         return gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
 
     def _my_slice(self, partial: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ class SliceBasis:
     def expand(self, j: int, count: int) -> list[np.ndarray]:
         with self._timed("expand"):
             rows = self.rows.rows(j, count)
-            V = rows if self.world == 1 else self._whole_vectors(rows)           # one worker: no collectives
+            V = rows if self.world == 1 else self._whole_vectors(rows.to(self.gather_dtype))  # 1 worker: none
             with self._timed("product"):
                 partial = self.op.local_sum(V.T).div_(self.op.n_samples)         # (count, n)
             columns = self.rows.extend(partial if self.world == 1 else self._my_slice(partial), self.n)
