@@ -34,7 +34,7 @@ import torch
 
 from .workers import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, QueueFull, Superseded, WorkerError
-from .solvers.certify import solve
+from .solvers.certify import solve_step
 from .solvers.lanczos import draw_seed
 from .solvers.ritz import Accuracy, Rtol, parse_which
 
@@ -267,14 +267,13 @@ class EigenService:
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
-        tol = 1e-4 if tol is None and rtol is None else tol
-        opts = dict(which=which, k=k, tol=tol, rtol=rtol, seed=draw_seed(seed), **solver_options)
-        answer = solve(self.op, previous=self.vectors or None, subset=subset, **opts)
+        opts = dict(which=which, k=k, tol=tol, rtol=rtol, seed=draw_seed(seed), subset=subset, **solver_options)
+        answer, solved = solve_step(self.op, self.vectors, **opts)
         res = answer.result
-        entry = {"step": step, **answer.to_dict(), "warm_start": bool(self.vectors),
-                 "workers": self.group.size, "workers_replaced": len(self.group.replacements) - replaced}
+        entry = {"step": step, **solved, "workers": self.group.size,
+                 "workers_replaced": len(self.group.replacements) - replaced}
         if compare_cold and self.vectors:
-            cold = solve(self.op, subset=subset, return_vectors=False, **opts).result
+            cold = solve_step(self.op, None, return_vectors=False, **opts)[0].result
             entry.update(cold_hvps=cold.hvps, cold_fpe=cold.fpe, hvps_saved=cold.hvps - res.hvps,
                          fpe_saved=cold.fpe - res.fpe)
         entry.update(wall_seconds=time.time() - t0, products=self.op.describe())

@@ -401,20 +401,15 @@ class SpectrumMonitor:
 
     def _solve_local(self, op: Any, state: dict[str, torch.Tensor] | None, step: int) -> dict:
         """On the solver thread: the service's solve (same defaults, same entry keys), in process."""
-        from ..solvers.certify import solve
+        from ..solvers.certify import solve_step
         if state is not None:
             op.set_parameters(state)
-        kwargs = self._solve_kwargs()
-        if kwargs["tol"] is None and kwargs["rtol"] is None:
-            kwargs["tol"] = 1e-4            # the service's default
-        previous = self._previous
         t0 = time.time()
-        answer = solve(op, previous=previous, **kwargs)
+        answer, entry = solve_step(op, self._previous, **self._solve_kwargs())
         vectors = {w: p.vectors for w, p in answer.result.pairs.items()}
         if all(v is not None for v in vectors.values()):
             self._previous = vectors
-        return {"step": step, **answer.to_dict(), "warm_start": previous is not None,
-                "wall_seconds": time.time() - t0}
+        return {"step": step, **entry, "wall_seconds": time.time() - t0}
 
     def _finished(self, timeout_s: float | None) -> set[int]:
         """ids of the pending futures that are done, waiting at most ``timeout_s`` for all."""

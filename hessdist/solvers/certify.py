@@ -135,3 +135,17 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     if previous and v0 is None:
         raise InputError(f"the previous eigenvectors do not have n = {op.n} entries (another model or --params?)")
     return Answer(result=lanczos(op, which=which, k=k, v0=v0, seed=seed, **options))
+
+
+#: the accuracy of a per-step solve (service, callbacks) that names neither ``tol`` nor ``rtol``
+STEP_TOL = 1e-4
+
+
+def solve_step(op: Operator, previous: Mapping[str, np.ndarray] | None, *, tol: float | None = None,
+               rtol=None, **options) -> tuple[Answer, dict]:
+    """One solve of a per-step series (the eigen-service, the training callbacks): :func:`solve`
+    warm-started from ``previous`` (None or empty: cold), at ``tol`` 1e-4 when no accuracy is
+    named; returns the answer and its entry (``answer.to_dict()`` with ``warm_start``)."""
+    tol = STEP_TOL if tol is None and rtol is None else tol
+    answer = solve(op, previous=previous or None, tol=tol, rtol=rtol, **options)
+    return answer, {**answer.to_dict(), "warm_start": bool(previous)}
