@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory

@@ -27,15 +27,21 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": mse}
 
 
-def get_loss(spec: Union[str, LossFn]) -> LossFn:
-    """A loss by name (``cross_entropy``, ``mse``), import path (``pkg.mod:fn``) or callable."""
-    if callable(spec):
+def named(spec: Any, names: Mapping[str, Any], what: str) -> Any:
+    """``spec`` itself when callable (or None), else the entry of ``names`` it names, else the
+    object its import path ``pkg.mod:fn`` names."""
+    if callable(spec) or spec is None:
         return spec
-    if spec in LOSSES:
-        return LOSSES[spec]
+    if spec in names:
+        return names[spec]
     if isinstance(spec, str) and ":" in spec:
         return resolve(spec)
-    raise InputError(f"unknown loss {spec!r}; use one of {sorted(LOSSES)} or an import path 'pkg.mod:fn'")
+    raise InputError(f"unknown {what} {spec!r}; use one of {sorted(names)}, an import path 'pkg.mod:fn' or a callable")
+
+
+def get_loss(spec: Union[str, LossFn]) -> LossFn:
+    """A loss by name (``cross_entropy``, ``mse``), import path (``pkg.mod:fn``) or callable."""
+    return named(spec, LOSSES, "loss")
 
 
 def model_loss(model: Callable[..., Any], batch: Mapping[str, Any]) -> torch.Tensor:

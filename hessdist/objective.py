@@ -26,9 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import rows
-from .errors import InputError
-from .imports import resolve
-from .losses import BATCH_LOSSES, BATCH_SAMPLES, LossFn, get_loss
+from .losses import BATCH_LOSSES, BATCH_SAMPLES, LossFn, get_loss, named
 
 Call = Callable[..., Any]
 #: what a sample is for a named loss when ``samples`` is not given (else: a row)
@@ -99,7 +97,7 @@ class BatchLoss:
     def _functions(self) -> tuple[Callable, Callable | None]:
         samples = DEFAULT_SAMPLES.get(self.loss, None) if self.samples is None and isinstance(self.loss, str) \
             else self.samples
-        return _named(self.loss, BATCH_LOSSES, "batch loss"), _named(samples, BATCH_SAMPLES, "sample count")
+        return named(self.loss, BATCH_LOSSES, "batch loss"), named(samples, BATCH_SAMPLES, "sample count")
 
     def loss_sum(self, model: Call, batch: Any) -> torch.Tensor:
         return self._functions[0](model, batch) * self.count(batch)
@@ -119,16 +117,6 @@ class BatchLoss:
 
 
 Objective = Union[PairLoss, BatchLoss]
-
-
-def _named(spec: Any, names: Mapping[str, Any], what: str) -> Any:
-    if callable(spec) or spec is None:
-        return spec
-    if spec in names:
-        return names[spec]
-    if isinstance(spec, str) and ":" in spec:
-        return resolve(spec)
-    raise InputError(f"unknown {what} {spec!r}; use one of {sorted(names)}, an import path 'pkg.mod:fn' or a callable")
 
 
 def objective_of(loss: Union[str, LossFn, BatchLoss]) -> Objective:

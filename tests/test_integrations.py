@@ -88,9 +88,16 @@ def reference_chain(model: nn.Module, states: list[dict], loss, data, **operator
     return out
 
 
-def check_against_reference(logged: list[dict], references: list, dense: list[np.ndarray]) -> None:
-    """Every logged value equals the reference solve's to 1e-8 relative; the certified intervals
-    contain the dense eigenvalues; products and warm starts agree."""
+def check_against_reference(logged: list[dict], model: nn.Module, states: list[dict], loss, data,
+                            **operator_options) -> None:
+    """Every logged value equals the reference solve's (:func:`reference_chain` at the saved
+    ``states`` of ``model``, whose ``net`` is the network) to 1e-8 relative; the certified
+    intervals contain the dense eigenvalues; products and warm starts agree."""
+    references = reference_chain(model, states, loss, data, **operator_options)
+    dense = []
+    for state in states:
+        model.load_state_dict(state)
+        dense.append(dense_eigenvalues(model.net, *data))
     assert len(logged) == len(references) == len(dense)
     for i, (m, ref, ev) in enumerate(zip(logged, references, dense)):
         for name, pair, exact in (("lambda_max", ref.largest, ev[-1]), ("lambda_min", ref.smallest, ev[0])):
@@ -200,14 +207,8 @@ def test_lightning_logs_match_in_process_solves(data, tmp_path):
     assert [float(r["hessian/step"]) for r in rows] == steps and [float(r["hessian/epoch"]) for r in rows] == [1, 2, 3]
     logged = [{k: float(v) for k, v in r.items() if k.startswith("hessian/") and v != ""} for r in rows]
 
-    states = [snapshots.states[s] for s in steps]
-    reference_model = LitMLP(mlp(seed=1))
-    references = reference_chain(reference_model, states, "cross_entropy", data, batch_size=128)
-    dense = []
-    for state in states:
-        reference_model.load_state_dict(state)
-        dense.append(dense_eigenvalues(reference_model.net, x, y))
-    check_against_reference(logged, references, dense)
+    check_against_reference(logged, LitMLP(mlp(seed=1)), [snapshots.states[s] for s in steps], "cross_entropy",
+                            data, batch_size=128)
     # the parameters moved between epochs: the test would see a solve at the wrong epoch's parameters
     assert len({round(m["hessian/lambda_max"], 6) for m in logged}) == 3
 
@@ -286,14 +287,8 @@ def test_huggingface_logs_match_in_process_solves(data, tmp_path):
     assert logged[0]["step"] <= 5 and history.index(logged[0]) < end
     assert logged[1]["step"] == 8 and history.index(logged[1]) > end
 
-    states = [snapshots.states[s] for s in steps]
-    reference_model = TinyClassifier(mlp(seed=1))
-    references = reference_chain(reference_model, states, logits_cross_entropy, data)
-    dense = []
-    for state in states:
-        reference_model.load_state_dict(state)
-        dense.append(dense_eigenvalues(reference_model.net, x, y))
-    check_against_reference(logged, references, dense)
+    check_against_reference(logged, TinyClassifier(mlp(seed=1)), [snapshots.states[s] for s in steps],
+                            logits_cross_entropy, data)
     assert len({round(e["hessian/lambda_max"], 6) for e in logged}) == 2
 
 
