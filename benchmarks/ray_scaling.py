@@ -60,17 +60,18 @@ class KeepsBasis(DistributedOperator):
         return self.basis
 
 
-def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...]) -> dict:
+def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...], dtypes: tuple[str, ...]) -> dict:
     """The Lanczos step beyond the product on the 10.2M-parameter model with the basis sharded
     over W workers: the workers time their partial products, the two collectives (all-gather of
     the vector, reduce-scatter of the product: the traffic of the one all-reduce a replicated
     product pays) and the whole expand step (means, first step included); the driver's step is
     the median time between blocks. Also the default basis capacity and the peak basis memory
-    per worker."""
+    per worker. For each product precision in ``dtypes``: the all-gather sends vectors in it, so
+    float32 products move half the bytes of float64 ones (the reduce-scatter is float64 for both)."""
     data_fn = lambda rank=0, world_size=1: cifar10(rank=rank, world_size=world_size, n_samples=samples)  # noqa: E731
     rows = []
-    for workers in worker_counts:
-        group = WorkerGroup(OperatorSpec(model=wide_mlp, data=data_fn, batch_size=samples), workers,
+    for dtype, workers in [(d, w) for d in dtypes for w in worker_counts]:
+        group = WorkerGroup(OperatorSpec(model=wide_mlp, data=data_fn, batch_size=samples, dtype=dtype), workers,
                             cpus_per_worker=2 / max(workers, 2))
         try:
             op = KeepsBasis(group)
@@ -110,6 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--samples", type=int, default=256, help="images for the 10.2M-parameter product")
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--dtypes", default="float32,float64", help="product precisions of the sharded-step runs")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", choices=("resnet", "step"), help="rerun one part, keep the other's numbers")
     args = ap.parse_args(argv)
@@ -123,7 +125,8 @@ def main(argv=None) -> None:
     if args.only != "resnet":
         payload.pop("step_overhead_10M_params", None)
         payload["sharded_step_10M_params"] = step_overhead(args.steps, args.samples,
-                                                           tuple(map(int, args.workers.split(","))))
+                                                           tuple(map(int, args.workers.split(","))),
+                                                           tuple(args.dtypes.split(",")))
     write("ray_scaling", payload)
     ray.shutdown()
 

@@ -224,10 +224,13 @@ def ray_scaling_table(rs: dict) -> list[str]:
     if st:
         out += [f"Lanczos step with the basis sharded over W workers, 10.2M parameters, {st['rows'][0]['steps']} steps "
                 f"({st['note']}):", "",
-                "| W | partial product s | collectives s (= one all-reduce's traffic) | basis work on the workers s | driver: step − product − collectives | step ÷ product − 1 | default max_basis | peak basis memory per worker |",
-                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| W | products | partial product s | collectives s (= one all-reduce's traffic) | all-gather MB received per column | basis work on the workers s | driver: step − product − collectives | step ÷ product − 1 | default max_basis | peak basis memory per worker |",
+                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in st["rows"]:
-            out.append(f"| {r['workers']} | {r['product_s']:.3f} | {r['collectives_s']:.3f} | {r['basis_work_on_workers_s']:.3f} | "
+            gathered = r.get("gathered_bytes_per_column")
+            gathered = "—" if gathered is None else f"{gathered / 1e6:.0f}"
+            out.append(f"| {r['workers']} | {r.get('product_dtype', 'float32')} | {r['product_s']:.3f} | {r['collectives_s']:.3f} | {gathered} | "
+                       f"{r['basis_work_on_workers_s']:.3f} | "
                        f"{r['overhead_beyond_product_and_collectives_s']:.3f} s | {100 * r['overhead_fraction']:.0f}% | "
                        f"{r['default_max_basis']} | {r['basis_peak_bytes_per_worker'] / 2**20:.0f} MiB |")
         out.append("")
@@ -363,7 +366,9 @@ def summary() -> str:
         p = rs["resnet18_cifar_shaped"]
         rows.append(f"| Ray: parallel efficiency 1→2 CPU workers, ResNet-18 (ray_scaling.json) | {p['parallel_efficiency_1_to_2']:.2f} | — |")
         for r in rs.get("sharded_step_10M_params", {}).get("rows", []):
-            rows.append(f"| Ray: Lanczos step beyond the product, 10.2M parameters, {r['workers']} CPU worker(s) (ray_scaling.json) | "
+            if r.get("product_dtype", "float32") != "float32":      # the default precision; the rest in benchmarks/README
+                continue
+            rows.append(f"| Ray: Lanczos step beyond the product, 10.2M parameters, float32 products, {r['workers']} CPU worker(s) (ray_scaling.json) | "
                         f"{r['overhead_with_driver_s']:.3f} s ({100 * r['overhead_fraction']:.0f}% of a {r['product_s']:.2f} s "
                         f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB per worker |")
     sb = _load("subset")
