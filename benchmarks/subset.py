@@ -6,7 +6,9 @@ on the full data), for:
 * ``subset f``: Lanczos on a fixed fraction f of the data, whose Ritz vectors warm-start the
   full-data run that certifies the answer (``hessdist.solvers.certify.subset_search``);
 * ``warm`` / ``warm + subset 5%``: the same at the next checkpoint, started from the previous
-  checkpoint's eigenvectors (the per-epoch situation);
+  checkpoint's eigenvectors (the per-epoch situation), and started from the checkpoint's OWN
+  eigenvectors (``warm_from_exact``: the limit of a settled run, where a subset's vectors can
+  only blur what the start already holds);
 * Alain, Le Roux & Manzagol's fixed 5% subset: its own extreme eigenpairs (solved tightly) against
   the full data's — eigenvalue differences and eigenvector angles.
 
@@ -103,7 +105,8 @@ def alain_five_percent(model, data, ref) -> dict:
     return out
 
 
-def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
+def trained(name: str):
+    """(model, data, epochs, the state after each SGD epoch, one more epoch at lr/100)."""
     factory, data_fn, epochs, lr = PROBLEMS[name]
     data = data_fn()
     model = factory()
@@ -111,6 +114,17 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
     states = train_epochs(model, data, epochs, lr)
     settled = train_epochs(model, data, 1, lr / 100, seed=1)[0]     # one more at lr/100: a settled Hessian
     print(name, f"trained {epochs + 1} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model, data, epochs, states, settled
+
+
+def warm_from_exact(op, ref, seeds) -> dict:
+    """Plain warm vs warm + 5% subset when the previous vectors are this checkpoint's own."""
+    return {"plain_warm": run_plain(op, ref, seeds, ref["vectors"]),
+            "subset_warm_5_percent": run_subset(op, ref, 0.05, seeds, ref["vectors"])}
+
+
+def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
+    model, data, epochs, states, settled = trained(name)
     model.load_state_dict(states[-2])
     prev_ref = reference(model, data)
     model.load_state_dict(states[-1])
@@ -134,6 +148,7 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
     row["plain_warm"] = run_plain(op, ref, seeds, previous)
     row["subset_warm_5_percent"] = run_subset(op, ref, 0.05, seeds, previous)
     print(name, "warm", row["plain_warm"]["fpe"], "warm+subset", row["subset_warm_5_percent"]["fpe"], flush=True)
+    row["warm_from_exact"] = warm_from_exact(op, ref, seeds)
     # late training: from these eigenvectors to the next, settled checkpoint
     model.load_state_dict(settled)
     settled_ref = reference(model, data)
@@ -152,11 +167,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", choices=("warm_from_exact",), help="rerun one part, keep the rest of each row")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
+    old = {r["problem"]: r for r in merged_rows("subset", [])}
     for name in args.problems.split(","):
-        rows.append(run(name, list(range(args.seeds))))
+        if args.only:
+            model, data, _, states, _ = trained(name)
+            model.load_state_dict(states[-1])
+            rows.append({**old[name], args.only: warm_from_exact(operator(model, data), reference(model, data),
+                                                                  list(range(args.seeds)))})
+        else:
+            rows.append(run(name, list(range(args.seeds))))
         write("subset", {"rtol": RTOL, "fractions": list(FRACTIONS),
                          "default_rule": {"fraction": DEFAULT_FRACTION, "min_subset_samples": MIN_SUBSET_SAMPLES},
                          "rows": merged_rows("subset", rows)})
