@@ -82,9 +82,10 @@ class PairLoss:
 @dataclass(frozen=True)
 class BatchLoss:
     """The any-batch contract: ``loss(model, batch)`` → the MEAN loss over the batch's samples;
-    ``samples(batch)`` → how many (default: the predicted tokens for ``"causal_lm"``, else rows). Each a callable, an import path
-    ``"pkg.mod:fn"`` or a name (``loss``: ``"model_loss"``, ``"causal_lm"``; ``samples``:
-    ``"rows"``, ``"predicted_tokens"``); names and paths keep it picklable for Ray workers."""
+    ``samples(batch)`` → how many (default: the predicted tokens for ``"causal_lm"``, else
+    rows). Each a callable, an import path ``"pkg.mod:fn"`` or a name (``loss``:
+    ``"model_loss"``, ``"causal_lm"``; ``samples``: ``"rows"``, ``"predicted_tokens"``); names
+    and paths keep it picklable for Ray workers."""
 
     loss: Union[str, Callable[[Any, Any], torch.Tensor]] = "model_loss"
     samples: Union[str, Callable[[Any], int], None] = None
@@ -95,8 +96,9 @@ class BatchLoss:
 
     @functools.cached_property
     def _functions(self) -> tuple[Callable, Callable | None]:
-        samples = DEFAULT_SAMPLES.get(self.loss, None) if self.samples is None and isinstance(self.loss, str) \
-            else self.samples
+        samples = self.samples
+        if samples is None and isinstance(self.loss, str):
+            samples = DEFAULT_SAMPLES.get(self.loss)
         return named(self.loss, BATCH_LOSSES, "batch loss"), named(samples, BATCH_SAMPLES, "sample count")
 
     def loss_sum(self, model: Call, batch: Any) -> torch.Tensor:
