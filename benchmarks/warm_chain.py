@@ -31,7 +31,7 @@ from hessdist.solvers.lanczos import lanczos, warm_start_vector
 from .common import write
 from .epochs import RTOL
 
-TIGHT = {"LA": 1e-6, "SA": 1e-5}
+TIGHT = {"LA": 1e-5, "SA": 1e-4}        # what epochs.py's reference asks: above the float32 floor
 
 
 def train(epochs: int, width: int, lr: float = 0.05, batch: int = 64) -> tuple[nn.Module, list[dict], tuple]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, warm_prev, ref_prev, t0 = [], None, None, time.perf_counter()
     for epoch, state in enumerate(states, start=1):
         op.set_parameters(state)
-        ref = lanczos(op, which="LA,SA", rtol=TIGHT, tol=1e-10, seed=10_000 + epoch, max_hvps=600)
+        ref = lanczos(op, which="LA,SA", rtol=TIGHT, tol=1e-9, seed=10_000 + epoch, max_hvps=300)
         exact = vectors(ref)
         cold = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch)
         warm = cold if warm_prev is None else lanczos(
