@@ -127,7 +127,7 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     search on a subset first when the data are large enough for one to pay (``subset="auto"``:
     :func:`subset_fraction`). A number forces that fraction, also with ``previous``; not by
     default, because a subset's eigenvectors blur good previous ones: on the shifted digits
-    (benchmarks/subset.py) a 5% search saves 1–4 FPE of 18–53 where the spectrum moves, and
+    (benchmarks/subset.py) a 5% search saves 1–6 FPE of 18–53 where the spectrum moves, and
     started from the checkpoint's own eigenvectors (a settled run) costs 11.7 FPE against 4
     without it. None or 1 never. ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
