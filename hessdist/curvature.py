@@ -272,19 +272,20 @@ class CurvatureOperator(Operator):
     def _sum_over_data(self, fn: Callable[[Batch], torch.Tensor], what: str, shape: tuple[int, ...],
                        reduce: bool = True) -> torch.Tensor:
         """Σ over every batch of ``fn(batch)`` (of ``shape``) in float64, then (``reduce``) the
-        reducer. Zeros where no batch holds a sample the loss counts (a shard of fully masked
-        tokens), so such a rank still joins the sum."""
-        total = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        error = None
+        reducer; zeros when no micro-batch holds a sample the loss counts, so the sum still has
+        its shape."""
+        total, error = None, None
         try:
             with self._precision():
                 for i, b in enumerate(self.batches):
                     part = self._over_micro_batches(fn, b, i, what)
                     if part is not None:
-                        total.add_(part)
+                        total = part if total is None else total.add_(part)
         except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
             error = self._no_derivative(exc) if missing_derivative(exc) else exc
         self._agree(error)
+        if total is None:
+            total = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if reduce:
             self._reduce(total)
         return total
