@@ -290,13 +290,18 @@ def warm_chain_table(wc: dict) -> list[str]:
     out = [f"### Warm starts along the loop, and their floor: {c['data']}, ResNet ({c['n_params']:,} parameters), "
            f"in-process, rtol {c['rtol']} ({wc['machine']['date']})", "",
            "| epoch | λ_max/\|λ_min\| | eigenvector overlap with the previous epoch (LA, SA) | FPE cold | FPE warm "
-           "(hessdist) | FPE from this epoch's own eigenvectors (floor) |",
-           "| ---: | ---: | --- | ---: | ---: | ---: |"]
+           "(hessdist) | FPE warm + subset search | FPE from this epoch's own eigenvectors (floor) | least rtol that "
+           "would have stopped wrong (LA, SA) |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in wc["rows"]:
-        o = r["overlap_with_previous_epoch"]
+        o, sub = r["overlap_with_previous_epoch"], r.get("warm_subset")
+        least = {w: min((m[w] for m in r.get("wrong_stop_margin", {}).values() if m[w] is not None), default=None)
+                 for w in ("LA", "SA")}
         out.append(f"| {r['epoch']} | {r['ratio_max_over_abs_min']:.0f} | "
                    + (f"{o['LA']:.3f}, {o['SA']:.3f}" if o else "—")
-                   + f" | {r['cold']['fpe']:.0f} | {r['warm']['fpe']:.0f} | {r['oracle']['fpe']:.0f} |")
+                   + f" | {r['cold']['fpe']:.0f} | {r['warm']['fpe']:.0f} | "
+                   + (f"{sub['fpe']:.2f}" if sub else "—") + f" | {r['oracle']['fpe']:.0f} | "
+                   + ", ".join("—" if least[w] is None else f"{least[w]:.3g}" for w in ("LA", "SA")) + " |")
     return out + ["", f"Summary: {json.dumps(wc['summary'])}", ""]
 
 
@@ -407,7 +412,9 @@ def summary() -> str:
         sm = wc["summary"]
         rows.append(f"| per-epoch loop, FPE per epoch after the first, median (warm_chain.json) | warm "
                     f"{sm['median_fpe_after_first_warm']:.1f}; floor (started from the epoch's own eigenvectors) "
-                    f"{sm['median_fpe_after_first_oracle']:.1f} | cold {sm['median_fpe_after_first_cold']:.1f} |")
+                    f"{sm['median_fpe_after_first_oracle']:.1f} | cold {sm['median_fpe_after_first_cold']:.1f}"
+                    + (f"; warm + 15% subset search {sub:.1f}" if (sub := sm.get("median_fpe_after_first_warm_subset"))
+                       else "") + " |")
     pj = _load("projection")
     if pj:
         warm = pj["rows"][0]
