@@ -1,7 +1,7 @@
 """What a warm start can save along a training run, and what bounds it: the per-epoch loop of
 ``epochs.py`` (the same BatchNorm ResNet on real digits at 32×32, the same training), solved
 in-process after every epoch at the per-epoch contract (rtol 1e-2 on λ_max, 5e-2 on λ_min,
-float32 products, confirmations counted) three ways:
+float32 products, confirmations counted) four ways:
 
 * ``cold``: a random start;
 * ``warm``: hessdist's warm start (the sum of the previous epoch's *warm-solved* eigenvectors
@@ -15,9 +15,9 @@ float32 products, confirmations counted) three ways:
 Also the stopping rule's margin: along every run (cold, warm and the tight reference's long
 run from a random start), the smallest relative residual r/|θ| at a step whose interval was
 certainly wrong — [θ − r, θ] entirely above the reference λ_min, or [θ, θ + r] below λ_max, by
-more than float32 rounding explains (1e-5·‖H‖) —
-i.e. the least ``rtol`` at which this rule would have stopped there with a wrong answer
-(nothing a residual can see: an eigenvalue not yet found).
+more than float32 rounding explains (1e-5·‖H‖) — i.e. the least ``rtol`` at which this rule
+would have stopped there with a wrong answer (nothing a residual can see: an eigenvalue not yet
+found).
 
 Also per epoch: the overlap |cos| between consecutive epochs' eigenvectors (tight solves) and
 λ_max/|λ_min|, which together say where between the oracle and the cold cost a warm start
