@@ -291,8 +291,9 @@ def warm_chain_table(wc: dict) -> list[str]:
            f"in-process, rtol {c['rtol']} ({wc['machine']['date']})", "",
            "| epoch | λ_max/\|λ_min\| | eigenvector overlap with the previous epoch (LA, SA) | FPE cold | FPE warm "
            "(hessdist) | FPE warm + subset search | FPE from this epoch's own eigenvectors (floor) | least rtol that "
-           "would have stopped wrong (LA, SA) |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+           "would have stopped wrong (LA, SA) | warm run's products: taken before confirming / where an oracle "
+           "would have stopped / where Kato–Temple would have |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in wc["rows"]:
         o, sub = r["overlap_with_previous_epoch"], r.get("warm_subset")
         least = {w: min((m[w] for m in r.get("wrong_stop_margin", {}).values() if m[w] is not None), default=None)
@@ -301,8 +302,16 @@ def warm_chain_table(wc: dict) -> list[str]:
                    + (f"{o['LA']:.3f}, {o['SA']:.3f}" if o else "—")
                    + f" | {r['cold']['fpe']:.0f} | {r['warm']['fpe']:.0f} | "
                    + (f"{sub['fpe']:.2f}" if sub else "—") + f" | {r['oracle']['fpe']:.0f} | "
-                   + ", ".join("—" if least[w] is None else f"{least[w]:.3g}" for w in ("LA", "SA")) + " |")
+                   + ", ".join("—" if least[w] is None else f"{least[w]:.3g}" for w in ("LA", "SA")) + " | "
+                   + _stops(r.get("stopping_steps", {}).get("warm" if r["epoch"] > 1 else "cold")) + " |")
     return out + ["", f"Summary: {json.dumps(wc['summary'])}", ""]
+
+
+def _stops(s: dict | None) -> str:
+    if not s:
+        return "—"
+    return (f"{s['certified']} / {s['oracle'] if s['oracle'] is not None else '—'} / "
+            f"{s['kato_temple'] if s['kato_temple'] is not None else '—'}" + (" (wrong)" if s["kato_temple_wrong"] else ""))
 
 
 def projection_table(pj: dict) -> list[str]:
@@ -414,7 +423,8 @@ def summary() -> str:
                     f"{sm['median_fpe_after_first_warm']:.1f}; floor (started from the epoch's own eigenvectors) "
                     f"{sm['median_fpe_after_first_oracle']:.1f} | cold {sm['median_fpe_after_first_cold']:.1f}"
                     + (f"; warm + 15% subset search {sub:.1f}" if (sub := sm.get("median_fpe_after_first_warm_subset"))
-                       else "") + " |")
+                       else "") + (f"; any stopping rule, at best: {b:.2f} of the best peer (median)"
+                                   if (b := sm.get("best_possible_median_ratio")) is not None else "") + " |")
     pj = _load("projection")
     if pj:
         warm = pj["rows"][0]

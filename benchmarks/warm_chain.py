@@ -19,6 +19,15 @@ more than float32 rounding explains (1e-5·‖H‖) — i.e. the least ``rtol`` 
 would have stopped there with a wrong answer (nothing a residual can see: an eigenvalue not yet
 found).
 
+Also what bounds any stopping rule on these runs, per run (``stopping_steps``): the products it
+took before its confirmations (``certified``); the fewest after which both Ritz values already
+lay within target of the reference (``oracle``: a rule would have to know the answer to stop
+there, and would need no confirmation); and where a gap-based
+(Kato–Temple) certificate would have stopped: θ − r²/(b − θ) with b = θ₂ − r₂ the next Ritz
+value's interval edge, which holds only if nothing below b was missed, and whether it was wrong.
+Against ``epochs.json``'s best peer on the same checkpoints, the oracle stop's products give the
+least FPE ratio any stopping rule could reach from these starts.
+
 Also per epoch: the overlap |cos| between consecutive epochs' eigenvectors (tight solves) and
 λ_max/|λ_min|, which together say where between the oracle and the cold cost a warm start
 lands. Full-data product equivalents (FPE) throughout; 2 CPU cores (no GPU needed: counts).
@@ -26,6 +35,8 @@ lands. Full-data product equivalents (FPE) throughout; 2 CPU cores (no GPU neede
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -39,7 +50,7 @@ from hessdist.models import resnet_small_cifar
 from hessdist.solvers.certify import subset_search
 from hessdist.solvers.lanczos import RitzState, lanczos, warm_start_vector
 
-from .common import write
+from .common import RESULTS, write
 from .epochs import RTOL
 
 TIGHT = {"LA": 1e-5, "SA": 1e-4}        # what epochs.py's reference asks: above the float32 floor
@@ -89,6 +100,67 @@ def wrong_stop_margin(C: np.ndarray, ref) -> dict[str, float | None]:
     return worst
 
 
+def stopping_steps(C: np.ndarray, ref) -> dict:
+    """On one single-vector run (projection ``C``): the products it took (``certified``), the
+    fewest after which both Ritz values lay within ``RTOL`` of the reference (``oracle``), and
+    where the Kato–Temple bound would have met ``RTOL`` (``kato_temple``; its residual bound r
+    where the next Ritz interval overlaps) and whether that interval missed the reference."""
+    want = {"LA": float(ref.largest.values[0]), "SA": float(ref.smallest.values[0])}
+    slack = MISS * max(abs(v) for v in want.values())
+    oracle = kato = None
+    kato_wrong = False
+    for e in range(1, C.shape[1] + 1):
+        ritz = RitzState(C, e, min(e + 1, C.shape[0]))
+        th, r = ritz.theta, ritz.residuals
+        if oracle is None and all(abs(th[i] - want[w]) <= RTOL[w] * abs(want[w]) for w, i in (("LA", -1), ("SA", 0))):
+            oracle = e
+        if kato is None:
+            bound = {}
+            for w, i, j, side in (("LA", -1, -2, 1.0), ("SA", 0, 1, -1.0)):
+                gap = side * (th[i] - th[j]) - r[j] if e > 1 else 0.0
+                bound[w] = min(r[i], r[i] ** 2 / gap) if gap > 0 else r[i]
+            if all(bound[w] <= RTOL[w] * abs(th[i]) for w, i in (("LA", -1), ("SA", 0))):
+                kato = e
+                kato_wrong = bool(th[0] - bound["SA"] > want["SA"] + slack or th[-1] + bound["LA"] < want["LA"] - slack)
+    return {"certified": C.shape[1], "oracle": oracle, "kato_temple": kato, "kato_temple_wrong": kato_wrong}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Medians after the first epoch, the stopping-rule bounds, and the least ratio to the best
+    peer (``epochs.json``, same checkpoints) that any stopping rule could reach from these starts:
+    the oracle stop's products, without confirmations, over the peer's FPE."""
+    later = rows[1:]
+    summary: dict = {f"median_fpe_after_first_{n}": statistics.median(r[n]["fpe"] for r in later) if later else None
+                     for n in ("cold", "warm", "oracle", "warm_subset")}
+    for name in ("cold", "warm"):
+        steps = [r["stopping_steps"][name] for r in later]
+        summary[f"median_products_after_first_{name}_oracle_stop"] = statistics.median(
+            s["oracle"] for s in steps if s["oracle"] is not None) if steps else None
+        summary[f"median_products_after_first_{name}_certified"] = statistics.median(
+            s["certified"] for s in steps) if steps else None
+    summary["kato_temple_wrong_runs"] = sum(s["kato_temple_wrong"] for r in rows for s in r["stopping_steps"].values())
+    summary["kato_temple_runs"] = sum(len(r["stopping_steps"]) for r in rows)
+    margins = [(m, r["epoch"], name, w) for r in rows for name, ends in r["wrong_stop_margin"].items()
+               for w, m in ends.items() if m is not None]
+    least = min(margins, default=None)
+    summary["least_rtol_that_would_have_stopped_wrong"] = None if least is None else dict(
+        zip(("rtol", "epoch", "run", "end"), least))
+    peers_path = os.path.join(RESULTS, "epochs.json")
+    by_epoch = {r["epoch"]: r for r in rows}
+    if os.path.exists(peers_path):
+        bounds = []
+        for peer in json.load(open(peers_path))["summary"]["versus_best_peer"]:
+            row = by_epoch.get(peer["epoch"])
+            steps = row and row["stopping_steps"]["cold" if peer["epoch"] == 1 else "warm"]
+            if steps and steps["oracle"] is not None:
+                bounds.append({"epoch": peer["epoch"], "oracle_products": steps["oracle"],
+                               "best_peer_fpe": peer["best_peer_fpe"],
+                               "ratio": steps["oracle"] / peer["best_peer_fpe"]})
+        summary["best_possible_versus_best_peer"] = bounds
+        summary["best_possible_median_ratio"] = statistics.median(b["ratio"] for b in bounds) if bounds else None
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10)
@@ -118,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                                                     / abs(ref.pairs[w].values[0])) for w in ("LA", "SA")}}
                   for name, r in (("cold", cold), ("warm", warm), ("oracle", oracle), ("warm_subset", subset))
                   if r is not None},
+               "stopping_steps": {name: stopping_steps(r.projected, ref) for name, r in (("cold", cold), ("warm", warm))
+                                  if name == "cold" or warm is not cold},
                "wrong_stop_margin": {name: wrong_stop_margin(r.projected, ref)
                                      for name, r in (("reference", ref), ("cold", cold), ("warm", warm))}}
         ref_prev = exact
@@ -125,14 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         print({k: row[k] for k in ("epoch", "ratio_max_over_abs_min", "overlap_with_previous_epoch")},
               {n: row[n]["fpe"] for n in ("cold", "warm", "oracle", "warm_subset") if n in row},
               row["wrong_stop_margin"], flush=True)
-        later = rows[1:]
-        summary = {f"median_fpe_after_first_{n}": statistics.median(r[n]["fpe"] for r in later) if later else None
-                   for n in ("cold", "warm", "oracle", "warm_subset")}
-        margins = [(m, r["epoch"], name, w) for r in rows for name, ends in r["wrong_stop_margin"].items()
-                   for w, m in ends.items() if m is not None]
-        least = min(margins, default=None)
-        summary["least_rtol_that_would_have_stopped_wrong"] = None if least is None else dict(
-            zip(("rtol", "epoch", "run", "end"), least))
+        summary = summarise(rows)
         write("warm_chain", {"config": {**vars(args), "n_params": op.n, "n_samples": op.n_samples, "rtol": RTOL,
                                         "subset_fraction": SUBSET,
                                         "data": "scikit-learn digits upsampled to 32×32×3 (real, 1,797 images)",
