@@ -360,6 +360,8 @@ def test_options_are_checked_up_front_and_imports_name_the_extra(data):
         SpectrumMonitor("cross_entropy", (x, y), rtol=2.0)
     with pytest.raises(InputError, match="every_n_epochs"):
         SpectrumMonitor("cross_entropy", (x, y), every_n_epochs=0)
+    with pytest.raises(InputError, match="process-wide TF32 switch.*hessdist serve --tf32"):
+        SpectrumMonitor("cross_entropy", (x, y), operator_options={"tf32": True})
     only_top = SpectrumMonitor("cross_entropy", (x, y), which="LA")     # the default rtol keeps LA's 1%
     assert only_top.rtol == {"LA": 1e-2}
     steps = SpectrumMonitor("cross_entropy", (x, y), every_n_epochs=None, every_n_steps=4)

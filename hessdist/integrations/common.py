@@ -175,7 +175,8 @@ class SpectrumMonitor:
     data, see ``hessdist serve``; the state dict must fit its model). Without, the solve runs in
     this process on a background thread, on ``data`` with ``loss`` (as for
     :class:`~hessdist.curvature.CurvatureOperator`); ``operator_options`` go to that operator
-    unchanged (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
+    unchanged, but for ``tf32``, refused: PyTorch's TF32 switch is process-wide, so it would reach
+    the training too (a service's workers are their own processes) (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
     the model's). The operator is built, copying the model, at the first solve, on the calling
     thread; later solves load a copy of the state dict taken when they were requested. Each
     in-process solve is warm-started from the previous one's eigenvectors (as the service does).
@@ -216,6 +217,10 @@ class SpectrumMonitor:
         if service is not None and (loss is not None or data is not None or operator_options):
             raise InputError("an eigen-service builds its own operator (model, loss, data: hessdist serve); "
                              "drop loss=, data= and operator_options= when service= is given")
+        if (operator_options or {}).get("tf32"):
+            raise InputError("tf32 flips PyTorch's process-wide TF32 switch for each product, so in this process "
+                             "it would change the training's own matmuls while a solve runs; use an eigen-service "
+                             "(hessdist serve --tf32: its workers are processes of their own) or drop tf32")
         clash = {"which", "k", "tol", "rtol", "seed", "previous"} & set(solve_options or {})
         if clash:
             raise InputError(f"solve_options {sorted(clash)} are arguments of their own: pass them directly "
