@@ -175,9 +175,9 @@ class SpectrumMonitor:
     data, see ``hessdist serve``; the state dict must fit its model). Without, the solve runs in
     this process on a background thread, on ``data`` with ``loss`` (as for
     :class:`~hessdist.curvature.CurvatureOperator`); ``operator_options`` go to that operator
-    unchanged, but for ``tf32``, refused: PyTorch's TF32 switch is process-wide, so it would reach
-    the training too (a service's workers are their own processes) (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
-    the model's). The operator is built, copying the model, at the first solve, on the calling
+    unchanged (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
+    the model's), except ``tf32``, which is refused: PyTorch's TF32 switch is process-wide, so it
+    would reach the training too (a service's workers are processes of their own). The operator is built, copying the model, at the first solve, on the calling
     thread; later solves load a copy of the state dict taken when they were requested. Each
     in-process solve is warm-started from the previous one's eigenvectors (as the service does).
 
