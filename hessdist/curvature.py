@@ -42,12 +42,14 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from .compiled import CompiledProduct
 from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
 from .losses import LossFn
 from .objective import BatchLoss, BoundModel, objective_of
 from .operator import Operator
 from .params import ParameterLayout, load_state
+from .precision import float32_precision
 
 CURVATURES = ("hessian", "ggn")
 MODES = ("auto", "forward", "double-backward", "finite-difference")
@@ -96,7 +98,7 @@ class CurvatureOperator(Operator):
                  reducer: Reducer | None = None, agree: Agreement | None = None, compiled: bool = False,
                  channels_last: bool = False,
                  tf32: bool = False, placement: str = "auto", loader_workers: int = 0,
-                 data_columns: tuple[str, str] | None = None):
+                 data_columns: tuple[str, str] | None = None, compile_width: int = 1):
         if curvature not in CURVATURES:
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
@@ -113,6 +115,9 @@ class CurvatureOperator(Operator):
         self.curvature, self.mode, self.dtype = curvature, mode, dtype
         self.exact = products_exact(dtype, tf32, mode)
         self.compiled, self.channels_last, self.tf32, self.eval_mode = compiled, channels_last, tf32, eval_mode
+        self.compile_width = compile_width
+        #: the float32 settings the last data pass ran under (see :mod:`hessdist.precision`)
+        self.fp32_precision: dict[str, str] | None = None
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype, memory_format=memory_format)
         if eval_mode:
@@ -138,6 +143,7 @@ class CurvatureOperator(Operator):
         if mode == "auto":          # compiled: forward is the only exact mode torch.compile supports
             self.mode = "forward" if compiled else self._fastest_mode()
         self._batch_product = self._product_function(self.mode, compiled)
+        self._warm_up()
 
     def subset(self, fraction: float) -> "CurvatureOperator":
         """A view over ⌈fraction · local samples⌉ of this process's samples, spread evenly over
@@ -150,6 +156,7 @@ class CurvatureOperator(Operator):
         view.batches, view.hvps, view.fpe = self.batches.spread(fraction), 0, 0.0
         view.n_samples = self._count_samples(view.batches)
         view.data_fraction = self.data_fraction * view.n_samples / self.n_samples
+        view._warm_up()
         return view
 
     def _count_samples(self, batches: Batches | StreamedBatches) -> int:
@@ -168,7 +175,20 @@ class CurvatureOperator(Operator):
               ("hessian", "finite-difference"): self._hessian_finite_difference,
               ("ggn", "forward"): self._ggn_forward,
               ("ggn", "double-backward"): self._ggn_double_backward}[(self.curvature, mode)]
-        return torch.compile(fn, dynamic=False) if compiled else fn
+        return CompiledProduct(fn, self.compile_width) if compiled else fn
+
+    def _warm_up(self) -> None:
+        """Compile the product now for every batch size these data hold (resident data: all of
+        them; streamed: the first), so that no compilation lands inside a solve."""
+        if not isinstance(self._batch_product, CompiledProduct):
+            return
+        resident = not isinstance(self.batches, StreamedBatches)
+        sizes = {rows(b): b for b in (self.batches if resident else [self.batches.first()])}
+        p = self.layout.gather(self.model)
+        T = torch.zeros(1, self.n, dtype=self.dtype, device=self.device)      # padded to the compiled width
+        with self._precision():
+            for i, batch in enumerate(sizes.values()):
+                self._over_micro_batches(lambda b: self._batch_product(p, b, T), batch, i, "compilation")
 
     def _fastest_mode(self, repeats: int = 3) -> str:
         """Time one single-column product on the first batch in each exact mode (after a warm-up
@@ -198,6 +218,11 @@ class CurvatureOperator(Operator):
             seconds[mode] = time.perf_counter() - t0
         total = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.device)
         self._reduce(total)                     # every rank sums the same timings: one choice for all
+        if not bool(torch.isfinite(total).any()):
+            raise InputError("an operation in the model has neither a forward-mode nor a second-order derivative "
+                             "in PyTorch (e.g. a cuDNN RNN), so no exact product exists: use "
+                             "mode='finite-difference' (CLI --mode finite-difference; Hessian only, first "
+                             "derivatives), or for an RNN on CUDA run it with torch.backends.cudnn.enabled = False")
         return list(seconds)[int(total.argmin())]
 
     def _synchronize(self) -> None:
@@ -208,8 +233,13 @@ class CurvatureOperator(Operator):
         """How products are computed, and peak memory: on the device since the operator was built
         (CUDA only), and the process's peak resident memory (host; everything the process holds)."""
         device = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        compiled = self._batch_product if isinstance(self._batch_product, CompiledProduct) else None
         return {"mode": self.mode, "compiled": self.compiled, "channels_last": self.channels_last,
-                "tf32": self.tf32, "micro_batch": self.micro_batch, "device": str(self.device),
+                "tf32": self.tf32, "fp32_precision": self.fp32_precision,
+                "compiles": compiled.compiles if compiled else 0,
+                "compile_seconds": compiled.compile_seconds if compiled else 0.0,
+                "compile_width": self.compile_width if compiled else None,
+                "micro_batch": self.micro_batch, "device": str(self.device),
                 "data": self.batches.placement,
                 "peak_device_bytes": device,
                 "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT}
@@ -339,16 +369,10 @@ class CurvatureOperator(Operator):
 
     @contextlib.contextmanager
     def _precision(self):
-        """TF32 matmuls and convolutions for the duration of a data pass, when asked for."""
-        if not self.tf32:
+        """IEEE float32 (or TF32, when asked) for the duration of a data pass (see :mod:`hessdist.precision`)."""
+        with float32_precision(self.tf32) as flags:
+            self.fp32_precision = flags
             yield
-            return
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     def _hessian_forward(self, p, b, T):
         g = grad(self._batch_loss_sum)
@@ -444,13 +468,13 @@ class CurvatureOperator(Operator):
 
     def check_determinism(self, seed: int = 0, rtol: float | None = None) -> None:
         """Refuse an operator that is not a fixed symmetric linear map: repeat a product of the
-        same vector and compare uᵀAv with vᵀAu. Costs three products (counted in ``hvps``)."""
+        same vector and compare uᵀAv with vᵀAu. Costs three products (counted in ``hvps``), one
+        column each: passes of different widths may run different kernels (cuDNN picks its
+        algorithms by shape), whose rounding differs without the map being at fault."""
         rtol = rtol if rtol is not None else min(1e4 * torch.finfo(self.dtype).eps, 0.05)
         gen = torch.Generator().manual_seed(seed)
-        UV = torch.randn(self.n, 2, generator=gen, dtype=torch.float64)
-        AUV = self.matmat(UV)
-        Av_again = self.matmat(UV[:, 1:])[:, 0]
-        u, v, Au, Av = UV[:, 0], UV[:, 1], AUV[:, 0], AUV[:, 1]
+        u, v = torch.randn(2, self.n, generator=gen, dtype=torch.float64)
+        Au, Av, Av_again = (self.matvec(x) for x in (u, v, v))
         repeat = float((Av - Av_again).norm() / max(float(Av.norm()), 1e-300))
         asym = abs(float(u @ Av - v @ Au)) / max(float(u.norm() * Av.norm() + v.norm() * Au.norm()), 1e-300)
         if repeat > rtol or asym > rtol:

@@ -230,6 +230,66 @@ def test_compiled_products_match_dense():
     assert op.describe()["compiled"]
 
 
+def test_compiles_stay_bounded_over_a_solve():
+    """A partial last batch, k = 1 and k = 2 columns, a subset and a whole certified solve: the
+    product compiles once per batch size, up front, and never inside the solve."""
+    from hessdist.solvers import certify
+    model, H, _ = reference("mlp")
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64,
+                           mode="forward", compiled=True, compile_width=2)
+    assert op.describe()["compiles"] == 2                           # batches of 32 and the last 24
+    V = block(op.n, k=3)                                             # two chunks, the second padded
+    np.testing.assert_allclose(op.matmat(V), H @ V, rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    np.testing.assert_allclose(op.matvec(V[:, 0]), H @ V[:, 0], rtol=0, atol=1e-11 * np.abs(H @ V).max())
+    answer = certify.solve(op, which=("LA", "SA"), k=2, rtol=1e-6, seed=0)
+    w = np.linalg.eigvalsh(H)
+    pairs = answer.result.pairs
+    assert answer.result.stop_reason == "converged"
+    np.testing.assert_allclose(pairs["LA"].values, w[::-1][:2], rtol=1e-6)
+    np.testing.assert_allclose(pairs["SA"].values, w[:2], rtol=1e-6)
+    assert op.describe()["compiles"] == 2 and op.describe()["compile_width"] == 2
+    assert op.describe()["compile_seconds"] > 0
+
+
+def test_compile_fails_loudly_past_its_shape_limit():
+    from hessdist.compiled import CompiledProduct
+    product = CompiledProduct(lambda p, b, T: T * b.sum(), width=1, limit=2)
+    T = torch.ones(1, 3)
+    for rows_ in (1, 2):
+        product(None, torch.ones(rows_), T)
+    with pytest.raises(InputError, match="fixed batch sizes"):
+        product(None, torch.ones(3), T)
+    assert product.compiles == 2
+
+
+def test_float32_precision_is_set_explicitly_and_restored():
+    """On a GPU cuDNN convolutions default to TF32: each data pass sets IEEE float32 (or TF32 when
+    asked) through the fp32_precision API only, and puts the previous settings back."""
+    from hessdist import precision
+    assert precision.NEW_API                                         # torch 2.13: never the legacy flags
+    before = precision.in_force()
+    with precision.float32_precision(False) as inside:
+        assert inside == {"matmul": "ieee", "cudnn_conv": "ieee", "cudnn_rnn": "ieee"} == precision.in_force()
+    with precision.float32_precision(True) as inside:
+        assert set(inside.values()) == {"tf32"}
+    assert precision.in_force() == before
+    op = CurvatureOperator(mlp(), "cross_entropy", DATA, batch_size=32)
+    op.matvec(np.ones(op.n))
+    assert op.describe()["fp32_precision"] == {"matmul": "ieee", "cudnn_conv": "ieee", "cudnn_rnn": "ieee"}
+    assert precision.in_force() == before
+
+
+def test_auto_mode_with_no_exact_mode_names_the_fix():
+    """PyTorch's multilabel margin loss has neither a forward-mode nor a second derivative (as a
+    cuDNN RNN has neither): no exact mode exists, and the error says what does."""
+    def multilabel_margin(outputs, y):
+        targets = torch.full_like(outputs, -1, dtype=torch.long)
+        targets[:, 0] = y
+        return nn.functional.multilabel_margin_loss(outputs, targets)
+    with pytest.raises(InputError, match="finite-difference"):
+        CurvatureOperator(mlp(), multilabel_margin, DATA, batch_size=32, mode="auto")
+
+
 def test_compile_refuses_double_backward():
     with pytest.raises(InputError, match="double backward"):
         CurvatureOperator(mlp(), "cross_entropy", DATA, mode="double-backward", compiled=True)
