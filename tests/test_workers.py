@@ -405,7 +405,9 @@ def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap():
 def test_worker_layout_reads_the_cluster_not_the_driver():
     """A GPU cluster whose head has no GPU (simulated: a CPU head and a node declaring 3 logical
     GPUs; the driver's torch.cuda is never asked): the defaults come from the cluster; a
-    fraction of a GPU is refused. Run in a process of its own (this module holds a Ray session)."""
+    fraction of a GPU, or more than one, is refused; a worker Ray gives a GPU that this CPU build
+    of torch cannot use fails loudly instead of running on the CPU. Run in a process of its own
+    (this module holds a Ray session)."""
     import json
     import subprocess
     import sys
@@ -413,7 +415,7 @@ def test_worker_layout_reads_the_cluster_not_the_driver():
 import json, ray
 from ray.cluster_utils import Cluster
 from hessdist.errors import WorkerError
-from hessdist.workers import connect, worker_layout
+from hessdist.workers import OperatorSpec, WorkerGroup, connect, worker_layout
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
 cluster.add_node(num_cpus=3, num_gpus=3)
 cluster.wait_for_nodes()
@@ -423,6 +425,15 @@ try:
     worker_layout(None, 0.5)
 except WorkerError as exc:
     out["fraction"] = str(exc)
+try:
+    worker_layout(None, 2)
+except WorkerError as exc:
+    out["two"] = str(exc)
+try:
+    WorkerGroup(OperatorSpec(model="tests.helpers:mlp", data="tests.test_workers:data_factory"), 1,
+                gpus_per_worker=1, start_timeout_s=120)
+except WorkerError as exc:
+    out["no_cuda"] = str(exc)
 ray.shutdown()
 cluster.shutdown()
 print(json.dumps(out))
@@ -434,6 +445,23 @@ print(json.dumps(out))
     assert got["asked"] == [2, 1, "2 worker(s) with 1 GPU each"]
     assert got["cpu"][:2] == [2, 0]
     assert "not a whole number of GPUs" in got["fraction"] and "NCCL" in got["fraction"]
+    assert "--gpus-per-worker 1 with one worker per GPU" in got["two"]
+    assert "torch cannot use CUDA" in got["no_cuda"] and "--gpus-per-worker 0" in got["no_cuda"]
+
+
+def test_worker_device_is_the_one_ray_assigned():
+    """Ray's assignment, not torch's view, picks the device: no GPU ids means CPU even where CUDA
+    is visible; an id maps to its position among the visible devices (or stands for itself when
+    Ray leaves CUDA_VISIBLE_DEVICES alone); two GPUs for one rank are refused."""
+    from hessdist.workers.worker import assigned_device
+    assert assigned_device([], "0,1,2,3", True) == torch.device("cpu")
+    assert assigned_device(["2"], "2", True) == torch.device("cuda", 0)
+    assert assigned_device(["3"], "1,3", True) == torch.device("cuda", 1)
+    assert assigned_device(["3"], None, True) == torch.device("cuda", 3)
+    with pytest.raises(WorkerError, match="given 2 GPUs"):
+        assigned_device(["0", "1"], "0,1", True)
+    with pytest.raises(WorkerError, match="torch cannot use CUDA"):
+        assigned_device(["0"], "0", False)
 
 
 def test_a_lost_node_shrinks_the_group_and_the_solve_finishes():

@@ -152,8 +152,10 @@ class WorkerGroup:
                                for r, i in enumerate(order)]
             master = places[order[0]][0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=self.start_timeout_s)
+            # joining waits for every rank (up to the collective timeout) and builds the operator
             joined = ray.get([a.join.remote(master, port, r, self.size, self.collective_timeout_s)
-                              for r, a in enumerate(self.actors)], timeout=self.start_timeout_s)
+                              for r, a in enumerate(self.actors)],
+                             timeout=max(self.start_timeout_s, self.collective_timeout_s))
         except ray.exceptions.RayTaskError as exc:
             self._teardown(actors)
             self.actors = []
@@ -165,6 +167,8 @@ class WorkerGroup:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             self._teardown(actors)
             self.actors = []
+            if "creation task" in str(exc):                 # the worker's __init__ raised
+                raise WorkerError(f"a worker failed to start: {exc}") from exc
             raise WorkerError(f"workers did not start within {self.start_timeout_s:.0f} s: {exc}") from exc
         self.n, self.n_samples = joined[0]
         if self._state_ref is not None:
@@ -297,7 +301,8 @@ def worker_layout(workers: int | None = None, gpus_per_worker: float | None = No
     """Workers and GPUs per worker, defaults taken from the connected *cluster*, not from this
     driver (a CPU head of a GPU cluster sees no CUDA): with GPUs in the cluster, one GPU per
     worker and one worker per GPU; else two CPU workers. Returns (workers, gpus, what was chosen).
-    A fraction of a GPU is refused: NCCL cannot run two ranks of one group on one device."""
+    A fraction of a GPU is refused (NCCL cannot run two ranks of one group on one device), and so
+    is more than one (a rank uses one device)."""
     total = int(ray.cluster_resources().get("GPU", 0))
     asked = workers is not None and gpus_per_worker is not None
     gpus = gpus_per_worker if gpus_per_worker is not None else (1 if total else 0)
@@ -305,6 +310,9 @@ def worker_layout(workers: int | None = None, gpus_per_worker: float | None = No
         raise WorkerError(f"--gpus-per-worker {gpus_per_worker} is not a whole number of GPUs: NCCL cannot run two "
                           "ranks of one process group on one GPU. Use 1 (one rank per GPU) or 0 (CPU workers)")
     gpus = int(gpus)
+    if gpus > 1:
+        raise WorkerError(f"--gpus-per-worker {gpus}: a worker runs one rank on one GPU, so the other GPU(s) would sit "
+                          f"idle. Use --gpus-per-worker 1 with one worker per GPU (--workers {max(1, total)})")
     if workers is None:
         workers = max(1, total // gpus) if gpus else 2
     if workers < 1:

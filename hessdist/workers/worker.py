@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..data import is_ray_dataset, load_shard
 from ..curvature import Agreement, CurvatureOperator
-from ..errors import HessdistError
+from ..errors import HessdistError, WorkerError
 from ..imports import resolve
 from ..losses import LossFn
 from ..objective import BatchLoss
@@ -106,13 +106,37 @@ def _agree_across_ranks(device: torch.device) -> Agreement:
     return agree
 
 
+def assigned_device(gpu_ids: Sequence[str], visible: str | None, cuda_available: bool) -> torch.device:
+    """The device Ray gave this worker: CPU when it was given no GPU (an actor with ``num_gpus=0``
+    may still *see* every GPU of its node), else the assigned GPU's index among the visible ones
+    (Ray narrows ``CUDA_VISIBLE_DEVICES`` to the assignment unless told not to). A worker given a
+    GPU whose torch cannot start CUDA fails here, loudly: falling back to CPU/gloo would change
+    the run the user asked for."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    if len(gpu_ids) > 1:
+        raise WorkerError(f"this worker was given {len(gpu_ids)} GPUs ({', '.join(gpu_ids)}) but runs one rank on "
+                          "one device: use --gpus-per-worker 1 and one worker per GPU")
+    if not cuda_available:
+        raise WorkerError(f"Ray assigned GPU {gpu_ids[0]} to this worker but torch cannot use CUDA here "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): install a CUDA build of "
+                          "torch on the GPU nodes, or run CPU workers with --gpus-per-worker 0")
+    order = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return torch.device("cuda", order.index(gpu_ids[0]) if gpu_ids[0] in order else int(gpu_ids[0]))
+
+
 class CurvatureWorker:
     """A Ray actor (decorated by :mod:`hessdist.workers.group`). Rank 0 returns results; the other
-    ranks return None so that nothing large crosses Ray twice."""
+    ranks return None so that nothing large crosses Ray twice. ``device``: where to run; by default
+    the one Ray assigned (:func:`assigned_device`)."""
 
-    def __init__(self, spec: OperatorSpec):
+    def __init__(self, spec: OperatorSpec, device: torch.device | None = None):
         self.spec = spec
-        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device is None:
+            import ray
+            device = assigned_device([str(g) for g in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                     torch.cuda.is_available())
+        self.device = device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)          # before any other CUDA call
         self.op: CurvatureOperator | None = None
@@ -133,9 +157,10 @@ class CurvatureWorker:
     def join(self, master: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple[int, int]:
         """Join the process group and build the operator on this rank's shard.
         Returns (n parameters, total samples over all ranks)."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        cuda = self.device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": self.device} if cuda else {}))
         self.rank = rank
         self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum,
                                   agree=_agree_across_ranks(self.device))
