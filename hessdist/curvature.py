@@ -251,8 +251,9 @@ class CurvatureOperator(Operator):
 
     @property
     def parameters(self) -> torch.Tensor:
-        """The current flat parameter vector θ (float64, length n)."""
-        return self.layout.flatten(self.layout.gather(self.model)).to(torch.float64)
+        """The current flat parameter vector θ (float64, length n), on the host: callers hand it
+        to numpy, Ray or a checkpoint, none of which read device memory."""
+        return self.layout.flatten(self.layout.gather(self.model)).to("cpu", torch.float64)
 
     def _state(self, selected: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         # each tensor once (a tied weight under its first name; functional_call ties the others)
@@ -272,7 +273,8 @@ class CurvatureOperator(Operator):
         return self.objective.loss_sum(self._bound(p), batch)
 
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-        """Full-dataset mean loss and its gradient (float64, length n) at θ (default: current)."""
+        """Full-dataset mean loss and its gradient (float64, length n, on the host) at θ
+        (default: current)."""
         p = tuple(self.layout.gather(self.model) if theta is None else self.layout.unflatten(
             torch.as_tensor(theta).to(self.device, self.dtype)))
         value_and_grad = torch.func.grad_and_value(self._batch_loss_sum)
@@ -283,7 +285,7 @@ class CurvatureOperator(Operator):
 
         total = self._sum_over_data(batch, "loss and gradient", (self.n + 1,))
         total /= self.n_samples
-        return float(total[0]), total[1:]
+        return float(total[0]), total[1:].cpu()
 
     # -- products -----------------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:

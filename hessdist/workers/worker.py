@@ -189,10 +189,10 @@ class CurvatureWorker:
 
     def loss_and_gradient(self, theta: np.ndarray | None = None):
         loss, g = self.op.loss_and_gradient(None if theta is None else torch.tensor(theta))   # a copy: theta is read-only (object store)
-        return self._rank0((loss, g.cpu().numpy()))
+        return self._rank0((loss, g.numpy()))
 
     def parameters(self) -> np.ndarray | None:
-        return self._rank0(self.op.parameters.cpu().numpy())
+        return self._rank0(self.op.parameters.numpy())
 
     def check_determinism(self, seed: int = 0) -> None:
         self.op.check_determinism(seed)
