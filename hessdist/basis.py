@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from .errors import OutOfMemory
+
 if TYPE_CHECKING:
     from .operator import Operator
 
@@ -30,6 +32,14 @@ Reduce = Callable[[torch.Tensor], None]
 class BasisLost(Exception):
     """The processes holding (part of) the basis are gone; a solver continues from what it
     checkpointed, on a rebuilt group."""
+
+
+def basis_out_of_memory(rows: "BasisRows", exc: BaseException) -> OutOfMemory:
+    """What a device that cannot hold the basis tells the user: the two knobs that shrink it."""
+    held = f"{rows.size} of at most {rows.capacity} vectors of {rows.width} {str(rows.dtype).removeprefix('torch.')}"
+    return OutOfMemory(f"out of memory on {rows.device} holding the Krylov basis ({held}; "
+                       f"{rows.allocated_bytes / 2**30:.2f} GiB allocated): pass a smaller --max-basis (max_basis=) or "
+                       f"--basis-dtype float32 (basis_dtype=torch.float32) ({str(exc).splitlines()[0]})")
 
 
 class KrylovBasis(ABC):
@@ -242,15 +252,23 @@ class LocalKrylovBasis(KrylovBasis):
     def peak_bytes(self) -> int:
         return self.rows.peak_bytes
 
+    def _translated(self, work):
+        """``work()`` with the device running out of memory told as the basis's (see basis_out_of_memory)."""
+        try:
+            return work()
+        except torch.OutOfMemoryError as exc:
+            raise basis_out_of_memory(self.rows, exc) from exc
+
     def add_start(self, v: np.ndarray) -> float:
-        return self.rows.add_start(torch.tensor(v, dtype=torch.float64, device=self.device).reshape(self.n), self.n)
+        return self._translated(lambda: self.rows.add_start(
+            torch.tensor(v, dtype=torch.float64, device=self.device).reshape(self.n), self.n))
 
     def expand(self, j: int, count: int = 1) -> list[np.ndarray]:
-        W = self.op.matmat(self.rows.rows(j, count).T)
-        return self.rows.extend(W.T, self.n)
+        W = self.op.matmat(self._translated(lambda: self.rows.rows(j, count).T))
+        return self._translated(lambda: self.rows.extend(W.T, self.n))
 
     def compress(self, Y: np.ndarray, expanded: int) -> None:
-        self.rows.compress(torch.as_tensor(Y), expanded)
+        self._translated(lambda: self.rows.compress(torch.as_tensor(Y), expanded))
 
     def combine(self, Y: np.ndarray) -> np.ndarray:
-        return self.rows.combine(torch.as_tensor(Y)).cpu().numpy()
+        return self._translated(lambda: self.rows.combine(torch.as_tensor(Y)).cpu().numpy())

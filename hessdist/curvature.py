@@ -196,7 +196,7 @@ class CurvatureOperator(Operator):
         batch = self.batches.first()
         p = self.layout.gather(self.model)
         T = torch.randn(1, self.n, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
-        seconds = {}
+        seconds, failure = {}, None
         for mode in ("forward", "double-backward"):
             fn = self._product_function(mode, compiled=False)
 
@@ -210,7 +210,7 @@ class CurvatureOperator(Operator):
                 except (NotImplementedError, RuntimeError) as exc:
                     if not missing_derivative(exc):
                         raise
-                    seconds[mode] = float("inf")     # an operation without this derivative: the other mode
+                    seconds[mode], failure = float("inf"), exc   # no such derivative here: the other mode
                     continue
                 t0 = time.perf_counter()
                 for _ in range(repeats):
@@ -220,9 +220,11 @@ class CurvatureOperator(Operator):
         self._reduce(total)                     # every rank sums the same timings: one choice for all
         if not bool(torch.isfinite(total).any()):
             raise InputError("an operation in the model has neither a forward-mode nor a second-order derivative "
-                             "in PyTorch (e.g. a cuDNN RNN), so no exact product exists: use "
-                             "mode='finite-difference' (CLI --mode finite-difference; Hessian only, first "
-                             "derivatives), or for an RNN on CUDA run it with torch.backends.cudnn.enabled = False")
+                             f"in PyTorch ({str(failure).splitlines()[0] if failure else 'on another rank'}), so "
+                             "no exact product exists: for a Hugging Face model load it with "
+                             "attn_implementation='eager'; for an RNN on CUDA set torch.backends.cudnn.enabled = "
+                             "False; else use mode='finite-difference' (CLI --mode finite-difference; Hessian "
+                             "only, first derivatives)")
         return list(seconds)[int(total.argmin())]
 
     def _synchronize(self) -> None:

@@ -1,15 +1,24 @@
 """The Krylov basis: a float32 basis within its stated error, and memory that follows max_basis
 (never allocated beyond it, compressed in place) at two million parameters."""
+import json
+import os
+import time
+from datetime import timedelta
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from hessdist.basis import CHUNK_ROWS
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
+from hessdist.workers.basis import SliceBasis
+from hessdist.workers.worker import free_port
 
-from .helpers import cnn_bn, digits_subset, reference
+from .helpers import cnn_bn, digits_subset, mlp, reference
 
 
 def test_float32_basis_within_its_stated_error():
@@ -58,3 +67,44 @@ def test_basis_memory_stays_within_the_cap_at_two_million_parameters(max_basis):
     cap = max_basis * op.n * 8
     assert 0 < res.basis_peak_bytes <= cap
     assert res.restarts > 0 or res.hvps < max_basis       # the cap was reached and honoured
+
+
+def _expand_with_rank_1_out_of_memory(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group expanding a sharded basis; rank 1's next row does not
+    fit. What each rank raised, how long it took, and a collective after it go to ``out``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        op = CurvatureOperator(mlp(), "cross_entropy", digits_subset(40), dtype=torch.float64)
+        basis = SliceBasis(op, capacity=8, dtype=torch.float64)
+        basis.add_start(np.ones(op.n))
+        if rank == 1:
+            def no_memory(q):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            basis.rows.append = no_memory
+        t0 = time.perf_counter()
+        try:
+            basis.expand(0, 2)
+            raised = ["nothing", ""]
+        except Exception as exc:
+            raised = [type(exc).__name__, str(exc)]
+        seconds = time.perf_counter() - t0
+        after = torch.ones(1, dtype=torch.float64)
+        dist.all_reduce(after)                  # the group is still in step
+        with open(os.path.join(out, f"{rank}.json"), "w") as f:
+            json.dump({"raised": raised, "seconds": seconds, "after": float(after)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_out_of_memory_on_one_rank_raises_on_every_rank_at_once(tmp_path):
+    """A worker whose device cannot hold the next basis row tells the user the two knobs that
+    shrink the basis, and its peer stops at once with PeerFailed instead of waiting in the next
+    collective until the process group's timeout (60 s here)."""
+    mp.spawn(_expand_with_rank_1_out_of_memory, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["raised"][0] == "PeerFailed" and "rank(s) [1]" in ranks[0]["raised"][1]
+    kind, message = ranks[1]["raised"]
+    assert kind == "OutOfMemory" and "--max-basis" in message and "--basis-dtype float32" in message
+    assert "1 of at most 8 vectors" in message
+    assert all(r["seconds"] < 20 and r["after"] == 2.0 for r in ranks)

@@ -170,7 +170,10 @@ def test_fused_attention_without_second_derivatives_is_explained():
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40, n_positions=16, attn_implementation="sdpa")
     model = GPT2LMHeadModel(config).double().eval()
-    op = CurvatureOperator(model, TOKENS, helpers.gpt2_tokens(), dtype=torch.float64, mode="auto",
-                           params=["transformer.h.0.attn.c_attn.bias"])       # before the attention
-    with pytest.raises(InputError, match="attn_implementation='eager'"):
+    with pytest.raises(InputError, match="attn_implementation='eager'"):      # when the mode is chosen
+        CurvatureOperator(model, TOKENS, helpers.gpt2_tokens(), dtype=torch.float64, mode="auto",
+                          params=["transformer.h.0.attn.c_attn.bias"])       # before the attention
+    op = CurvatureOperator(model, TOKENS, helpers.gpt2_tokens(), dtype=torch.float64, mode="forward",
+                           params=["transformer.h.0.attn.c_attn.bias"])
+    with pytest.raises(InputError, match="attn_implementation='eager'"):      # or at the first product
         op.matvec(np.ones(op.n))

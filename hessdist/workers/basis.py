@@ -30,8 +30,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from ..basis import BasisLost, BasisRows, KrylovBasis
+from ..basis import BasisLost, BasisRows, KrylovBasis, basis_out_of_memory
 from ..errors import HessdistError
+from .collectives import agree_across_ranks
 
 if TYPE_CHECKING:
     from ..curvature import CurvatureOperator
@@ -45,19 +46,22 @@ class MissingBasis(HessdistError):
     """Raised on a worker asked about a basis it does not hold (it was rebuilt since)."""
 
 
-def _all_reduce(t: torch.Tensor) -> None:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
 class SliceBasis:
-    """One worker's slice of a sharded basis (see the module docstring)."""
+    """One worker's slice of a sharded basis (see the module docstring).
+
+    Every collective here is preceded by the ranks' agreement, and every call ends with one: a
+    rank that runs out of memory between two collectives (a new chunk of rows, scratch for a
+    restart) joins the agreement its peers are waiting in, so all ranks raise at once — an
+    :class:`~hessdist.errors.OutOfMemory` naming the fix there, PeerFailed on the others —
+    instead of the others waiting in the next collective until the watchdog fires."""
 
     def __init__(self, op: "CurvatureOperator", capacity: int, dtype: torch.dtype):
         self.op, self.n = op, op.n
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.step = -(-self.n // self.world)
         self.lo, self.hi = min(self.n, self.rank * self.step), min(self.n, (self.rank + 1) * self.step)
-        self.rows = BasisRows(self.hi - self.lo, min(capacity, self.n), dtype, op.device, reduce=_all_reduce)
+        self.agree = agree_across_ranks(op.device)
+        self.rows = BasisRows(self.hi - self.lo, min(capacity, self.n), dtype, op.device, reduce=self._all_reduce)
         #: the narrower of the basis's and the product's precision: what the product casts to anyway
         self.gather_dtype = min(dtype, op.dtype, key=lambda d: torch.finfo(d).bits)
         #: seconds in expand: in all, in the partial products and in the collectives (the traffic of
@@ -65,14 +69,35 @@ class SliceBasis:
         #: Also the bytes this rank received in the all-gathers and columns expanded.
         self.seconds = {"expand": 0.0, "product": 0.0, "collectives": 0.0, "columns": 0, "gathered_bytes": 0}
 
+    def _guarded(self, work):
+        """``work()`` with an out-of-memory anywhere on this rank agreed on (see the class)."""
+        try:
+            out = work()
+        except torch.OutOfMemoryError as exc:
+            self.agree(basis_out_of_memory(self.rows, exc))         # raises, here and on the peers
+        self.agree(None)
+        return out
+
+    def _collective(self, fn, *tensors: torch.Tensor) -> None:
+        self.agree(None)
+        with self._timed("collectives"):
+            fn(*tensors)
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        if t.numel():                       # an empty basis has no dot products (the same on every rank)
+            self._collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM), t)
+
     def add_start(self, v: np.ndarray) -> float:
-        return self.rows.add_start(torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device),
-                                   self.n)
+        return self._guarded(lambda: self.rows.add_start(
+            torch.tensor(v[self.lo:self.hi], dtype=torch.float64, device=self.op.device), self.n))
 
     @contextlib.contextmanager
     def _timed(self, key: str):
+        sync = torch.cuda.synchronize if self.op.device.type == "cuda" else (lambda device: None)
+        sync(self.op.device)                # CUDA runs asynchronously: time the work, not its launch
         t = time.perf_counter()
         yield
+        sync(self.op.device)
         self.seconds[key] += time.perf_counter() - t
 
     def _whole_vectors(self, mine: torch.Tensor) -> torch.Tensor:
@@ -81,8 +106,7 @@ class SliceBasis:
         padded = torch.zeros(count, self.step, dtype=mine.dtype, device=mine.device)   # the last slice may be short
         padded[:, :mine.shape[1]] = mine
         gathered = torch.empty(self.world * padded.numel(), dtype=mine.dtype, device=mine.device)
-        with self._timed("collectives"):
-            _all_gather(gathered, padded.reshape(-1))                            # flat: what gloo accepts
+        self._collective(_all_gather, gathered, padded.reshape(-1))            # flat: what gloo accepts
         self.seconds["gathered_bytes"] += gathered.numel() * gathered.element_size()
         return gathered.reshape(self.world, count, self.step).permute(1, 0, 2).reshape(count, -1)[:, :self.n]
 
@@ -94,25 +118,27 @@ class SliceBasis:
             piece = partial[:, r * self.step:(r + 1) * self.step]
             send[r, :, :piece.shape[1]] = piece
         received = torch.empty(count * self.step, dtype=torch.float64, device=partial.device)
-        with self._timed("collectives"):
-            _reduce_scatter(received, send.reshape(-1))
+        self._collective(_reduce_scatter, received, send.reshape(-1))
         return received.reshape(count, self.step)[:, :self.hi - self.lo]
 
     def expand(self, j: int, count: int) -> list[np.ndarray]:
         with self._timed("expand"):
-            rows = self.rows.rows(j, count)
-            V = rows if self.world == 1 else self._whole_vectors(rows.to(self.gather_dtype))  # 1 worker: none
-            with self._timed("product"):
-                partial = self.op.local_sum(V.T).div_(self.op.n_samples)         # (count, n)
-            columns = self.rows.extend(partial if self.world == 1 else self._my_slice(partial), self.n)
+            columns = self._guarded(lambda: self._expand(j, count))
         self.seconds["columns"] += count
         return columns
 
+    def _expand(self, j: int, count: int) -> list[np.ndarray]:
+        rows = self.rows.rows(j, count)
+        V = rows if self.world == 1 else self._whole_vectors(rows.to(self.gather_dtype))  # 1 worker: none
+        with self._timed("product"):
+            partial = self.op.local_sum(V.T).div_(self.op.n_samples)             # (count, n)
+        return self.rows.extend(partial if self.world == 1 else self._my_slice(partial), self.n)
+
     def compress(self, Y: np.ndarray, expanded: int) -> None:
-        self.rows.compress(torch.tensor(Y), expanded)
+        self._guarded(lambda: self.rows.compress(torch.tensor(Y), expanded))
 
     def combine(self, Y: np.ndarray) -> np.ndarray:
-        return self.rows.combine(torch.tensor(Y)).cpu().numpy()
+        return self._guarded(lambda: self.rows.combine(torch.tensor(Y)).cpu().numpy())
 
 
 class ShardedKrylovBasis(KrylovBasis):

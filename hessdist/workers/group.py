@@ -22,7 +22,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..errors import HessdistError, WorkerError
-from .worker import CurvatureWorker, OperatorSpec, PeerFailed
+from .collectives import PeerFailed
+from .worker import CurvatureWorker, OperatorSpec
 
 log = logging.getLogger(__name__)
 RemoteWorker = ray.remote(max_restarts=0)(CurvatureWorker)

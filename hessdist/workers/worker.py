@@ -15,11 +15,12 @@ import torch.distributed as dist
 
 from ..data import is_ray_dataset, load_shard
 from ..curvature import Agreement, CurvatureOperator
-from ..errors import HessdistError, WorkerError
+from ..errors import WorkerError
 from ..imports import resolve
 from ..losses import LossFn
 from ..objective import BatchLoss
 from .basis import MissingBasis, SliceBasis
+from .collectives import agree_across_ranks, all_reduce_sum
 
 Factory = Union[str, Callable[..., Any]]
 
@@ -83,29 +84,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _all_reduce_sum(t: torch.Tensor) -> None:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-class PeerFailed(HessdistError):
-    """Another rank failed the same call; its own error is the one the driver reports."""
-
-
-def _agree_across_ranks(device: torch.device) -> Agreement:
-    """Every rank says whether its local part failed (one flag per rank, all-reduced) before any
-    sum: a failure anywhere then raises everywhere — the failing rank's own error there, PeerFailed
-    on the others — and no rank is left inside a collective its peers never enter."""
-    def agree(error: BaseException | None) -> None:
-        flags = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
-        flags[dist.get_rank()] = error is not None
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-        if error is not None:
-            raise error
-        if flags.any():
-            raise PeerFailed(f"rank(s) {flags.nonzero().flatten().tolist()} failed the same pass")
-    return agree
-
-
 def assigned_device(gpu_ids: Sequence[str], visible: str | None, cuda_available: bool) -> torch.device:
     """The device Ray gave this worker: CPU when it was given no GPU (an actor with ``num_gpus=0``
     may still *see* every GPU of its node), else the assigned GPU's index among the visible ones
@@ -162,8 +140,8 @@ class CurvatureWorker:
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": self.device} if cuda else {}))
         self.rank = rank
-        self.op = self.spec.build(rank, world_size, self.device, reducer=_all_reduce_sum,
-                                  agree=_agree_across_ranks(self.device))
+        self.op = self.spec.build(rank, world_size, self.device, reducer=all_reduce_sum,
+                                  agree=agree_across_ranks(self.device))
         self.subsets = {1.0: self.op}
         return self.op.n, self.op.n_samples
 
