@@ -96,7 +96,7 @@ def step_overhead(steps: int, samples: int, worker_counts: tuple[int, ...], dtyp
                      "overhead_beyond_product_and_collectives_s": driver_step - product - collectives,
                      "overhead_with_driver_s": driver_step - product,
                      "overhead_fraction": (driver_step - product) / product,
-                     "default_max_basis": default_max_basis(op.n, workers),
+                     "default_max_basis": default_max_basis(op),
                      "basis_peak_bytes_per_worker": res.basis_peak_bytes})
         print(rows[-1], flush=True)
     return {"note": f"{os.cpu_count()} CPU cores shared by all workers: with more workers than cores they "

@@ -405,7 +405,7 @@ def summary() -> str:
                 continue
             rows.append(f"| Ray: Lanczos step beyond the product, 10.2M parameters, float32 products, {r['workers']} CPU worker(s) (ray_scaling.json) | "
                         f"{r['overhead_with_driver_s']:.3f} s ({100 * r['overhead_fraction']:.0f}% of a {r['product_s']:.2f} s "
-                        f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB per worker |")
+                        f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB of host memory per worker |")
     sb = _load("subset")
     for r in (sb or {}).get("rows", []):
         rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {_fpe_cell(r['subset_cold'][str(r['default_fraction'])])} "

@@ -34,6 +34,21 @@ class BasisLost(Exception):
     checkpointed, on a rebuilt group."""
 
 
+#: what a default basis may take of a process's host memory (CPU products)
+HOST_BASIS_BYTES = 4 << 30
+
+
+def basis_room(device: torch.device | str) -> int:
+    """Bytes a default basis may take on ``device``: half of what the GPU has free now (the rest
+    is the products' activations; a fixed size would not fit a GPU that a training shares), or
+    ``HOST_BASIS_BYTES`` on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return HOST_BASIS_BYTES
+
+
 def basis_out_of_memory(rows: "BasisRows", exc: BaseException) -> OutOfMemory:
     """What a device that cannot hold the basis tells the user: the two knobs that shrink it."""
     held = f"{rows.size} of at most {rows.capacity} vectors of {rows.width} {str(rows.dtype).removeprefix('torch.')}"

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from .basis import basis_room
 from .compiled import CompiledProduct
 from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
@@ -230,6 +231,9 @@ class CurvatureOperator(Operator):
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def basis_bytes(self) -> int:
+        return basis_room(self.device)
 
     def describe(self) -> dict:
         """How products are computed, and peak memory: on the device since the operator was built

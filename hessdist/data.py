@@ -308,7 +308,12 @@ class StreamedBatches:
         self.n_rows = host.count()
 
     def _to_device(self, batch: Batch) -> Batch:
-        return _cast(batch, self.dtype, self.device, self.channels_last, non_blocking=self.device.type == "cuda")
+        if self.device.type != "cuda":
+            return _cast(batch, self.dtype, self.device, self.channels_last)
+        # a copy from pageable memory is synchronous whatever non_blocking says: pin first (the
+        # DataLoader's batches already are; PyTorch's host allocator reuses the pinned blocks)
+        pinned = tree_map(lambda t: t if t.is_pinned() else t.pin_memory(), batch)
+        return _cast(pinned, self.dtype, self.device, self.channels_last, non_blocking=True)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.device.type != "cuda":
@@ -325,10 +330,10 @@ class StreamedBatches:
         if staged is not None:
             yield self._handed_over(*staged)
 
-    @staticmethod
-    def _handed_over(batch: Batch, ready: Any) -> Batch:
-        """``batch`` for the compute stream: wait for its copy, keep its memory until compute is done."""
-        current = torch.cuda.current_stream()
+    def _handed_over(self, batch: Batch, ready: Any) -> Batch:
+        """``batch`` for this device's compute stream: wait for its copy, keep its memory until
+        compute is done."""
+        current = torch.cuda.current_stream(self.device)
         current.wait_event(ready)
         for t in tensors(batch):
             t.record_stream(current)

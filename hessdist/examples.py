@@ -105,11 +105,14 @@ def cifar10_dir(root: str | None) -> str | None:
 
 
 def cifar10(rank: int = 0, world_size: int = 1, root: str | None = None, n_samples: int | None = None,
-            train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            train: bool = True, synthetic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10 (normalised NCHW float32, int64 labels) from ``root`` in the standard pickle format,
-    or — when absent — a synthetic CIFAR-shaped set (fixed seed, labels from a random linear
-    teacher so the loss has structure). ``n_samples`` takes the first samples only."""
+    or — when absent and ``synthetic`` — a synthetic CIFAR-shaped set (fixed seed, labels from a
+    random linear teacher so the loss has structure). ``n_samples`` takes the first samples only."""
     d = cifar10_dir(root)
+    if d is None and not synthetic:
+        raise InputError(f"CIFAR-10 is not under {root!r} on this worker's node, though the driver found it "
+                         "there: put the same cifar-10-batches-py/ at that path on every node")
     if d is None:
         n = n_samples or 50_000
         gen = torch.Generator().manual_seed(1234)
@@ -147,12 +150,16 @@ EXAMPLES: dict[str, Example] = {
 
 
 def get_example(name: str, data_root: str | None = None, n_samples: int | None = None) -> Example:
-    """The named example, with its data factory bound to ``data_root`` / ``n_samples``."""
+    """The named example, with its data factory bound to ``data_root`` / ``n_samples``. The root
+    is made absolute here (a worker runs in a directory of its own), and a worker that does not
+    find the real data the driver found fails instead of using the synthetic set."""
     if name not in EXAMPLES:
         raise InputError(f"unknown example {name!r}; choose one of {sorted(EXAMPLES)}")
     ex = EXAMPLES[name]
     if name == "resnet18-cifar":
-        return Example(ex.model, functools.partial(cifar10, root=data_root, n_samples=n_samples),
+        root = os.path.abspath(data_root) if data_root else None
+        return Example(ex.model, functools.partial(cifar10, root=root, n_samples=n_samples,
+                                                   synthetic=cifar10_dir(root) is None),
                        ex.loss, ex.train, ex.description)
     if n_samples is not None:
         raise InputError("--n-samples applies to resnet18-cifar only; the digits examples use all 1,797 images")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
-from .basis import KrylovBasis, LocalKrylovBasis
+from .basis import HOST_BASIS_BYTES, KrylovBasis, LocalKrylovBasis
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -57,6 +57,10 @@ class Operator(ABC):
         out = self._matmat(T.to(torch.float64))
         self.count(T.shape[1])
         return out.cpu().numpy() if as_numpy else out.to(T.device)
+
+    def basis_bytes(self) -> int:
+        """Bytes a default Krylov basis may take in each process holding a part of it."""
+        return HOST_BASIS_BYTES
 
     def count(self, columns: int) -> None:
         """Book ``columns`` products (in ``hvps``, and weighted by the data fraction in ``fpe``)."""

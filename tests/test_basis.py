@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from hessdist.basis import CHUNK_ROWS
+from hessdist.basis import CHUNK_ROWS, HOST_BASIS_BYTES
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
 from hessdist.workers.basis import SliceBasis
@@ -67,6 +67,17 @@ def test_basis_memory_stays_within_the_cap_at_two_million_parameters(max_basis):
     cap = max_basis * op.n * 8
     assert 0 < res.basis_peak_bytes <= cap
     assert res.restarts > 0 or res.hvps < max_basis       # the cap was reached and honoured
+
+
+def test_the_default_basis_fills_the_room_the_operator_has():
+    """No max_basis: the basis fills ``op.basis_bytes()`` (half a GPU's free memory; here a
+    room of 24 float64 vectors, as a GPU shared with a training might have) and restarts there."""
+    op = CurvatureOperator(Wide(), "cross_entropy", wide_data(), batch_size=32, dtype=torch.float32,
+                           mode="double-backward")
+    op.basis_bytes = lambda: 24 * op.n * 8
+    res = lanczos(op, which="LA,SA", k=1, tol=1e-3, seed=0, max_hvps=60)
+    assert 0 < res.basis_peak_bytes <= 24 * op.n * 8 and (res.restarts > 0 or res.hvps < 24)
+    assert CurvatureOperator(mlp(), "cross_entropy", digits_subset(40)).basis_bytes() == HOST_BASIS_BYTES
 
 
 def _expand_with_rank_1_out_of_memory(rank: int, port: int, out: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hessdist.cli import main
+from hessdist.errors import InputError
 from hessdist.examples import get_example
 
 from .helpers import dense_hessian
@@ -132,6 +133,27 @@ def test_cifar10_reader_standard_format(tmp_path):
     x1, _ = cifar10(rank=1, world_size=2, root=str(tmp_path))
     assert torch.equal(x1, x[1::2])
     assert os.path.isdir(d)
+
+
+def test_a_relative_data_root_means_the_drivers_folder_on_every_worker(tmp_path, monkeypatch):
+    """--data-root data is resolved where the command runs (a worker runs in a directory of its
+    own), and a worker that does not find the real data the driver found fails, naming the path,
+    instead of quietly using the synthetic set."""
+    import pickle
+    d = tmp_path / "data" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        with open(d / name, "wb") as fh:
+            pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [3, 4]}, fh)
+    monkeypatch.chdir(tmp_path)
+    factory = get_example("resnet18-cifar", "data").data
+    monkeypatch.chdir(tmp_path / "data")               # a worker's own directory
+    x, y = factory(0, 1)
+    assert x.shape == (10, 3, 32, 32) and y.tolist() == [3, 4] * 5
+    for f in d.iterdir():
+        f.unlink()                                     # a node without the data
+    with pytest.raises(InputError, match=str(tmp_path / "data")):
+        factory(0, 1)
 
 
 def test_cli_spectrum_subcommands(tmp_path, digits_mlp_spectrum):

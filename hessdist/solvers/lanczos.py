@@ -36,9 +36,6 @@ from .results import EigenPairs, EigenResult
 from .ritz import Accuracy, Rtol, end_pairs, kw_epsilon, parse_which, rayleigh_ritz, select
 
 Progress = Callable[[dict], None]
-BASIS_BYTES = 4 << 30
-
-
 def draw_seed(seed: int | None) -> int:
     """``seed``, or a fresh one from the OS when None (reported, so a run can be repeated)."""
     return secrets.randbits(63) if seed is None else int(seed)
@@ -185,9 +182,10 @@ class _Run:
         return count, None
 
 
-def default_max_basis(n: int, shards: int = 1, dtype: torch.dtype = torch.float64) -> int:
-    """Basis vectors that fill ``BASIS_BYTES`` (4 GiB) per process holding 1/shards of each."""
-    return min(n, BASIS_BYTES // (-(-n // shards) * torch.finfo(dtype).bits // 8))
+def default_max_basis(op: Operator, dtype: torch.dtype = torch.float64) -> int:
+    """Basis vectors that fill ``op.basis_bytes()`` (half a GPU's free memory, 4 GiB on the
+    host) in each process holding 1/basis_shards of each."""
+    return min(op.n, op.basis_bytes() // (-(-op.n // op.basis_shards) * torch.finfo(dtype).bits // 8))
 
 
 def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
@@ -205,8 +203,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     (warm start; a random column is appended). ``block``: columns per product call (default:
     the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
-    later search stays orthogonal to found outliers); the default fills 4 GiB per process that
-    holds a part of the basis. ``basis_dtype``: float64 (default) or float32 (twice the vectors
+    later search stays orthogonal to found outliers); the default fills half a GPU's free memory
+    (4 GiB of host memory on a CPU) in each process that holds a part of the basis. ``basis_dtype``: float64 (default) or float32 (twice the vectors
     in the same memory; its rounding, ~1e-7, is invisible to the projection, so the returned
     pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
     the target says so: ``stop_reason="precision"``).
@@ -238,7 +236,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     width = block or starts.shape[1]
     min_basis = (k + 1) * len(ends) + starts.shape[1] + width
     if max_basis is None:
-        max_basis = max(min(n, 2 * min_basis), default_max_basis(n, op.basis_shards, basis_dtype))
+        max_basis = max(min(n, 2 * min_basis), default_max_basis(op, basis_dtype))
     elif max_basis < min(n, min_basis):
         raise InputError(f"max_basis must be at least {min_basis} for k = {k}, {len(ends)} end(s) and "
                          f"block {width}, got {max_basis}")

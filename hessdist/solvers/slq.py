@@ -20,7 +20,7 @@ from scipy import stats
 from ..errors import InputError
 from ..basis import BasisLost, KrylovBasis
 from ..operator import Operator
-from .lanczos import BASIS_BYTES, draw_seed
+from .lanczos import draw_seed
 
 Progress = Callable[[dict], None]
 
@@ -125,7 +125,8 @@ def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int | None = N
     """``probes`` Lanczos runs of ``steps`` products each from random Rademacher probes, on the
     operator's Krylov basis; a run that finds an invariant subspace stops early with an exact
     rule. Each new vector is re-orthogonalised against the last ``max_basis`` ones (default:
-    all of them, up to 4 GiB per process holding a part of the basis), so memory stays bounded
+    all of them, up to half a GPU's free memory or 4 GiB of host memory per process holding a
+    part of the basis), so memory stays bounded
     by that option whatever ``steps`` is; beyond it the rule loses some accuracy to lost
     orthogonality (a window of a few tens of vectors is usual for densities). A probe whose
     basis was lost with a worker is redone. ``seed``: drawn fresh when None, and reported."""
@@ -133,7 +134,7 @@ def slq(op: Operator, *, probes: int = 10, steps: int = 80, seed: int | None = N
         raise InputError(f"probes and steps must be positive, got probes={probes}, steps={steps}")
     steps = min(steps, op.n)
     share = -(-op.n // op.basis_shards) * torch.finfo(basis_dtype).bits // 8
-    window = min(steps + 1, max(3, BASIS_BYTES // share)) if max_basis is None else int(max_basis)
+    window = min(steps + 1, max(3, op.basis_bytes() // share)) if max_basis is None else int(max_basis)
     if window < 3:
         raise InputError(f"max_basis must be at least 3 (the three-term recurrence), got {max_basis}")
     seed = draw_seed(seed)

@@ -17,7 +17,8 @@ from scipy import stats
 
 from ..errors import InputError
 from ..operator import Operator
-from .lanczos import BASIS_BYTES, draw_seed
+from ..basis import HOST_BASIS_BYTES
+from .lanczos import draw_seed
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def hutchinson(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None
 
 
 def hutchpp(op: Operator, *, hvps: int = 30, block: int = 8, seed: int | None = None,
-            confidence: float = 0.95, max_bytes: int = BASIS_BYTES) -> TraceEstimate:
+            confidence: float = 0.95, max_bytes: int = HOST_BASIS_BYTES) -> TraceEstimate:
     """tr(A) by Hutch++ with ``hvps`` products: a third sketch A's range, a third give the exact
     trace on it, a third estimate the rest (``seed``: drawn fresh when None, and reported). The
     sketch and its orthonormal basis take 2 · n · hvps/3 floats, refused beyond ``max_bytes``

@@ -65,6 +65,10 @@ class DistributedOperator(Operator):
             out[key] = max(values) if values else None
         return out
 
+    def basis_bytes(self) -> int:
+        """The least room any worker has: every worker holds an equal slice."""
+        return min(self.group.run("basis_bytes"))
+
     def check_determinism(self, seed: int = 0) -> None:
         self.group.run("check_determinism", seed)
         self.count(3)

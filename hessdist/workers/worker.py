@@ -178,6 +178,9 @@ class CurvatureWorker:
     def describe(self) -> dict:
         return self.op.describe()
 
+    def basis_bytes(self) -> int:
+        return self.op.basis_bytes()
+
     # -- this rank's slice of a sharded Krylov basis (hessdist.workers.basis) -----------------
     def _basis(self, basis_id: str) -> SliceBasis:
         if self.basis is None or self.basis_id != basis_id:
