@@ -22,7 +22,7 @@ import torch
 import hessdist
 from hessdist import service
 from hessdist.workers import OperatorSpec, connect
-from hessdist.examples import cifar10, cifar10_dir
+from hessdist.examples import cifar10_dir, get_example
 from hessdist.hooks import SpectrumHook
 from hessdist.models import ResNet
 
@@ -61,20 +61,21 @@ def main() -> None:
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--n-samples", type=int, help="first N training images (default: all 50,000)")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, help="eigen workers (default: one per GPU, else 2 on the CPU)")
     ap.add_argument("--address", help="join a Ray cluster instead of starting a local one")
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--out-dir", default="hessdist-out/example")
     args = ap.parse_args()
 
-    data_fn = functools.partial(cifar10, root=args.data_root, n_samples=args.n_samples)
+    data_fn = get_example("resnet18-cifar", args.data_root, args.n_samples).data    # root made absolute
     model_fn = functools.partial(make_model, args.arch)
-    label = "CIFAR-10" if cifar10_dir(args.data_root) else "SYNTHETIC CIFAR-shaped data"
+    label = "CIFAR-10" if cifar10_dir(os.path.abspath(args.data_root)) else "SYNTHETIC CIFAR-shaped data"
     print(f"data: {label}")
     connect(args.address)
     gpus = 1 if torch.cuda.is_available() else 0
+    workers = args.workers or (torch.cuda.device_count() if gpus else 2)
     svc = service.start("example-" + args.arch, OperatorSpec(model=model_fn, data=data_fn, batch_size=128),
-                        args.workers, args.out_dir, gpus_per_worker=gpus)
+                        workers, args.out_dir, gpus_per_worker=gpus)
     hook = SpectrumHook(svc, which="LA,SA", tol=args.tol, max_hvps=200)
 
     device = "cuda" if gpus else "cpu"

@@ -38,14 +38,14 @@ class BasisLost(Exception):
 HOST_BASIS_BYTES = 4 << 30
 
 
-def basis_room(device: torch.device | str) -> int:
-    """Bytes a default basis may take on ``device``: half of what the GPU has free now (the rest
-    is the products' activations; a fixed size would not fit a GPU that a training shares), or
-    ``HOST_BASIS_BYTES`` on the host."""
+def basis_room(device: torch.device | str, share: float = 0.5) -> int:
+    """Bytes a default basis may take on ``device``: ``share`` of what the GPU has free now (the
+    rest is the products' activations; a fixed size would not fit a GPU that a training
+    shares), or ``HOST_BASIS_BYTES`` on the host."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+        return int(free * share)
     return HOST_BASIS_BYTES
 
 

@@ -90,7 +90,9 @@ class CurvatureOperator(Operator):
     :class:`~hessdist.objective.BatchLoss` for batches of any shape (see :mod:`hessdist.objective`).
 
     The model is copied, cast to ``dtype``, moved to ``device`` and put in eval mode (BatchNorm
-    uses running statistics, dropout is off) unless ``eval_mode=False``."""
+    uses running statistics, dropout is off) unless ``eval_mode=False``. ``basis_share``: the
+    share of the GPU's free memory a solver's default Krylov basis may take (see
+    :func:`~hessdist.basis.basis_room`; a monitor on the training's GPU asks for less)."""
 
     def __init__(self, model: nn.Module, loss: Union[str, LossFn, BatchLoss], data: DataLike | Batches | StreamedBatches, *,
                  curvature: str = "hessian", mode: str = "forward", batch_size: int = 256,
@@ -99,7 +101,8 @@ class CurvatureOperator(Operator):
                  reducer: Reducer | None = None, agree: Agreement | None = None, compiled: bool = False,
                  channels_last: bool = False,
                  tf32: bool = False, placement: str = "auto", loader_workers: int = 0,
-                 data_columns: tuple[str, str] | None = None, compile_width: int = 1):
+                 data_columns: tuple[str, str] | None = None, compile_width: int = 1,
+                 basis_share: float = 0.5):
         if curvature not in CURVATURES:
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
@@ -117,6 +120,9 @@ class CurvatureOperator(Operator):
         self.exact = products_exact(dtype, tf32, mode)
         self.compiled, self.channels_last, self.tf32, self.eval_mode = compiled, channels_last, tf32, eval_mode
         self.compile_width = compile_width
+        if not 0 < basis_share <= 1:
+            raise InputError(f"basis_share is a share of the GPU's free memory in (0, 1], got {basis_share}")
+        self.basis_share = basis_share
         #: the float32 settings the last data pass ran under (see :mod:`hessdist.precision`)
         self.fp32_precision: dict[str, str] | None = None
         memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -233,7 +239,7 @@ class CurvatureOperator(Operator):
             torch.cuda.synchronize(self.device)
 
     def basis_bytes(self) -> int:
-        return basis_room(self.device)
+        return basis_room(self.device, self.basis_share)
 
     def describe(self) -> dict:
         """How products are computed, and peak memory: on the device since the operator was built

@@ -362,6 +362,14 @@ def test_options_are_checked_up_front_and_imports_name_the_extra(data):
         SpectrumMonitor("cross_entropy", (x, y), every_n_epochs=0)
     with pytest.raises(InputError, match="process-wide TF32 switch.*hessdist serve --tf32"):
         SpectrumMonitor("cross_entropy", (x, y), operator_options={"tf32": True})
+    model = nn.Linear(64, 10)
+    assert SpectrumMonitor("cross_entropy", (x, y))._operator_kwargs(model) == {"dtype": torch.float32,
+                                                                              "device": torch.device("cpu")}
+    on_gpu = SpectrumMonitor("cross_entropy", (x, y), operator_options={"device": "cuda", "basis_share": 0.2})
+    assert on_gpu._operator_kwargs(model) == {"dtype": torch.float32, "device": "cuda", "placement": "stream",
+                                              "basis_share": 0.2}      # the training's GPU: streamed data
+    with pytest.raises(InputError, match="basis_share"):
+        CurvatureOperator(model, "cross_entropy", (x, y), basis_share=0.0)
     only_top = SpectrumMonitor("cross_entropy", (x, y), which="LA")     # the default rtol keeps LA's 1%
     assert only_top.rtol == {"LA": 1e-2}
     steps = SpectrumMonitor("cross_entropy", (x, y), every_n_epochs=None, every_n_steps=4)

@@ -166,6 +166,13 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def monitor_defaults(device: torch.device) -> dict[str, Any]:
+    """Operator options an in-process monitor adds unless given: on a GPU it shares with the
+    training, data streamed from the host (not half the free memory held resident) and a basis
+    of a tenth of the free memory (not half)."""
+    return {"placement": "stream", "basis_share": 0.1} if device.type == "cuda" else {}
+
+
 class SpectrumMonitor:
     """Extreme Hessian eigenvalues of a training model every ``every_n_epochs`` epochs (and/or
     every ``every_n_steps`` optimizer steps), without blocking training.
@@ -176,8 +183,10 @@ class SpectrumMonitor:
     this process on a background thread, on ``data`` with ``loss`` (as for
     :class:`~hessdist.curvature.CurvatureOperator`); ``operator_options`` go to that operator
     unchanged (default ``dtype``: float64 for a float64 model, else float32; default ``device``:
-    the model's), except ``tf32``, which is refused: PyTorch's TF32 switch is process-wide, so it
-    would reach the training too (a service's workers are processes of their own). The operator is built, copying the model, at the first solve, on the calling
+    the model's; on a GPU, data streamed from the host and a basis of at most a tenth of the free
+    memory, so the training keeps its memory: :func:`monitor_defaults`), except ``tf32``, which
+    is refused: PyTorch's TF32 switch is process-wide, so it would reach the training too (a
+    service's workers are processes of their own). The operator is built, copying the model, at the first solve, on the calling
     thread; later solves load a copy of the state dict taken when they were requested. Each
     in-process solve is warm-started from the previous one's eigenvectors (as the service does).
 
@@ -391,7 +400,7 @@ class SpectrumMonitor:
         if first is not None:
             opts.setdefault("dtype", torch.float64 if first.dtype == torch.float64 else torch.float32)
             opts.setdefault("device", first.device)
-        return opts
+        return {**monitor_defaults(torch.device(opts.get("device", "cpu"))), **opts}
 
     def _submit_local(self, model: nn.Module, step: int) -> concurrent.futures.Future:
         if self._op is None:            # copies the model: this solve's parameters are today's
