@@ -12,7 +12,7 @@ $(BIN)/hessdist: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu
 install: $(BIN)/hessdist
 
 demo: install
@@ -27,3 +27,12 @@ PEERS := "pyhessian==0.1" "hessian-eigenthings==1.0.0a5" "curvlinops-for-pytorch
 bench: install
 	$(BIN)/pip install -q --no-deps $(PEERS)
 	$(BIN)/python -m benchmarks.run
+
+# The device suite (benchmarks/gpu_suite.py, <= 10 min on one H100/H200): the venv's python where
+# `make install` ran, else the machine's python3 (a lent device has torch but no registry); Ray
+# from the ../shared/tools bundle when .devray/ was carried. $OUT, when set, gets a copy of the JSON.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu:
+	if [ -d .devray ]; then bash .devray/install.sh; fi
+	PYTHONPATH=/tmp/site:$(CURDIR):$$PYTHONPATH $(GPU_PY) -m benchmarks.gpu_suite $(if $(OUT),--also-write $(OUT))

@@ -8,7 +8,7 @@ Inputs, each from a measured JSON file:
   narrower ResNet on real data stands in for);
 * one product ÷ one gradient for ResNet-18 in the mode ``auto`` picks, one column
   (product_cost.json; measured on the machine named there);
-* one full-data product on one GPU, in seconds: headline.json's when it was measured on a GPU,
+* one full-data product on one GPU, in seconds: gpu_suite.json's (``cost``) when it was measured,
   else the ratio above times ``--gradient-seconds`` when given (stated as the user's figure),
   else unknown.
 
@@ -30,7 +30,7 @@ N_PARAMS = 11_173_962            # ResNet-18 for CIFAR-10 (hessdist.models.resne
 BUDGET_S = 60.0
 
 
-def _load(name: str) -> dict | None:
+def load(name: str) -> dict | None:
     path = os.path.join(RESULTS, f"{name}.json")
     return json.load(open(path)) if os.path.exists(path) else None
 
@@ -43,31 +43,41 @@ def product_ratio(pc: dict) -> tuple[float, str]:
     return c["ratio_to_gradient"], f"{row['auto_mode']} mode, measured on {row['device']} ({pc['machine']['date']})"
 
 
+def fpe_cases(ep: dict) -> dict[str, float]:
+    """Full-data product equivalents per epoch, from epochs.json: warm, cold and the worst."""
+    return {"warm (median after the first epoch)": ep["summary"]["median_fpe_after_first"],
+            "cold (first epoch)": ep["summary"]["first_epoch_fpe"],
+            "worst epoch": max(r["hessdist"]["fpe"] for r in ep["rows"])}
+
+
+def rows(fpe: dict[str, float], ratio: float, product_s: float | None) -> list[dict]:
+    """Per case: the work in gradient passes, the slowest product and gradient that still fit the
+    minute on W GPUs, and (given one GPU's product seconds) the seconds per epoch."""
+    return [{"case": case, "fpe": f, "gradient_passes": f * ratio,
+             "max_product_seconds_for_the_minute": {w: BUDGET_S * w / f for w in GPUS},
+             "max_gradient_seconds_for_the_minute": {w: BUDGET_S * w / (f * ratio) for w in GPUS},
+             "seconds_per_epoch": {w: f * product_s / w for w in GPUS} if product_s else None}
+            for case, f in fpe.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gradient-seconds", type=float,
                     help="one full-data (50,000 images) gradient pass on one GPU, if you measured it")
     args = ap.parse_args(argv)
-    ep, pc, hl = _load("epochs"), _load("product_cost"), _load("headline")
+    ep, pc, suite = load("epochs"), load("product_cost"), load("gpu_suite")
     if not ep or not pc:
         raise SystemExit("needs benchmarks/results/epochs.json and product_cost.json: run those benchmarks first")
     ratio, ratio_note = product_ratio(pc)
-    fpe = {"warm (median after the first epoch)": ep["summary"]["median_fpe_after_first"],
-           "cold (first epoch)": ep["summary"]["first_epoch_fpe"],
-           "worst epoch": max(r["hessdist"]["fpe"] for r in ep["rows"])}
-    if hl and hl.get("status") == "measured":
-        product_s, product_note = hl["seconds_per_product"], f"measured on {hl['gpu']} (headline.json)"
+    measured = suite and suite.get("status") == "measured" and "product_s" in suite["checks"].get("cost", {})
+    if measured:
+        cost = suite["checks"]["cost"]
+        product_s, product_note = cost["product_s"], f"measured on {cost['measured_on']} (gpu_suite.json)"
     elif args.gradient_seconds:
         product_s = ratio * args.gradient_seconds
         product_note = f"{ratio:.2f} × --gradient-seconds {args.gradient_seconds} (given, not measured here)"
     else:
-        product_s, product_note = None, "not measured (no GPU lent): pass --gradient-seconds or run headline on a GPU"
-    rows = []
-    for case, f in fpe.items():
-        rows.append({"case": case, "fpe": f, "gradient_passes": f * ratio,
-                     "max_product_seconds_for_the_minute": {w: BUDGET_S * w / f for w in GPUS},
-                     "max_gradient_seconds_for_the_minute": {w: BUDGET_S * w / (f * ratio) for w in GPUS},
-                     "seconds_per_epoch": {w: f * product_s / w for w in GPUS} if product_s else None})
+        product_s, product_note = None, "not measured (no GPU lent): pass --gradient-seconds or run make gpu"
     write("projection", {
         "label": "PROJECTION from measured inputs, not a measurement",
         "problem": f"ResNet-18 ({N_PARAMS:,} parameters), 50,000 CIFAR-10 images",
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                     "call's CUDA warm-up",
         "bytes_between_gpus_per_product": {w: 2 * 8 * N_PARAMS * (w - 1) // w for w in GPUS if w > 1},
         "bytes_note": "reduce-scatter of the partial product + all-gather of the next vector, float64, per GPU",
-        "rows": rows})
+        "rows": rows(fpe_cases(ep), ratio, product_s)})
 
 
 if __name__ == "__main__":

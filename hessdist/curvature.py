@@ -11,7 +11,9 @@ Three ways to compute a batch's product (``mode``):
   forward-mode AD.
 * ``"finite-difference"`` — central difference of gradients, (g(θ+hv) − g(θ−hv)) / 2h, for
   models whose operations lack any second-order AD. Hessian only; its relative error is
-  O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 (measured in tests/test_curvature.py).
+  O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 on smooth models (measured in
+  tests/test_curvature.py). On ReLU networks the float32 step crosses activation kinks and
+  the error is O(1) (benchmarks/gpu_suite.py measures it): use float64 for finite differences.
 
 The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
 batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
@@ -326,7 +328,7 @@ class CurvatureOperator(Operator):
                     if part is not None:
                         total = part if total is None else total.add_(part)
         except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
-            error = self._no_derivative(exc) if missing_derivative(exc) else exc
+            error = self._explained(exc)
         self._agree(error)
         if total is None:
             total = torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -350,6 +352,17 @@ class CurvatureOperator(Operator):
             return total
 
         return self._retry_on_oom(summed)
+
+    def _explained(self, exc: BaseException) -> BaseException:
+        """``exc``, or an InputError naming the fix where autograd's own message does not."""
+        if missing_derivative(exc):
+            return self._no_derivative(exc)
+        if isinstance(exc, RuntimeError) and "mutate a captured Tensor" in str(exc):
+            return InputError("a module writes to its own buffers in the forward pass (BatchNorm in train mode "
+                              "updates its running statistics), which the functional products cannot do and "
+                              "which would change the operator from product to product: keep eval_mode=True "
+                              f"(the default) ({str(exc).splitlines()[0][:120]})")
+        return exc
 
     def _no_derivative(self, exc: BaseException) -> InputError:
         return InputError(f"an operation in the model has no {'forward-mode' if self.mode == 'forward' else 'second'}"

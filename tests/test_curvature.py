@@ -8,7 +8,7 @@ from hessdist.errors import InputError, NonDeterministicError, NonFiniteError, O
 from hessdist.curvature import CurvatureOperator, MicroBatchWarning
 from hessdist.params import ParameterLayout, load_state
 
-from .helpers import MODELS, digits_subset, mlp, reference
+from .helpers import MODELS, cnn_bn, digits_subset, mlp, reference
 
 DATA = digits_subset()          # 120 samples, batch 32: three full batches and one of 24
 
@@ -120,6 +120,13 @@ def test_determinism_check_fires_on_dropout_in_train_mode():
         op.check_determinism()
     # the same model, put in eval mode by default, passes
     CurvatureOperator(model, "cross_entropy", DATA, dtype=torch.float64).check_determinism()
+
+
+def test_batchnorm_in_train_mode_is_explained():
+    """torch.func cannot run a module that updates its buffers (BatchNorm's running statistics)."""
+    op = CurvatureOperator(cnn_bn().train(), "cross_entropy", DATA, dtype=torch.float64, eval_mode=False)
+    with pytest.raises(InputError, match="BatchNorm in train mode.*eval_mode=True"):
+        op.matvec(np.ones(op.n))
 
 
 def test_determinism_check_fires_on_double_backward_dropout_too():
