@@ -2,7 +2,8 @@
 most ten minutes on one H100/H200, written to ``benchmarks/results/gpu_suite.json`` with a
 pass/fail per check and its numbers.
 
-Checks, in order (each is cut short, and says so, when the suite's time runs out):
+Checks (run cheap ones first, then the minute, then the long product table; each is cut
+short, and says so, when the suite's time runs out):
 
 * ``environment`` — the device, torch/CUDA/cuDNN/NCCL versions, the float32 precision in force;
 * ``products`` — every product configuration (mode, precision, compile, channels-last) against a
@@ -77,7 +78,7 @@ class Sizes:
     headline_budget_s: float    # one certified solve
 
 
-DEVICE = Sizes("cuda", 512, resnet18_cifar, 256, 3, 50_000, 2_000, 1_000, 570.0, 150.0)
+DEVICE = Sizes("cuda", 512, resnet18_cifar, 256, 3, 50_000, 1_000, 1_000, 540.0, 150.0)
 SMOKE = Sizes("cpu", 64, lambda: ResNet(blocks=(1, 1), width=4), 16, 1, 96, 48, 32, 300.0, 60.0)
 
 
@@ -181,6 +182,9 @@ def products(suite: Suite) -> dict:
                          "tolerance": 1e-10, "passed": err <= 1e-10})
         for name, options, tol in CONFIGS:
             row = {"problem": problem, "config": name, "tolerance": tol}
+            if suite.left_s() < 30:
+                rows.append({**row, "passed": None, "not_run": "the suite's time was nearly spent"})
+                continue
             if options.get("tf32") and suite.device.type != "cuda":
                 rows.append({**row, "passed": None, "not_run": "TF32 is CUDA only"})
                 continue
@@ -338,7 +342,7 @@ def train(model: torch.nn.Module, data, epochs: int, device: torch.device, batch
     with torch.no_grad():
         accuracy = float(sum((model(xb.to(device)).argmax(1).cpu() == yb).sum() for xb, yb in
                              zip(x.split(1000), y.split(1000)))) / len(x)
-    return {"epochs": epochs, "seconds": time.perf_counter() - t, "final_loss": float(loss),
+    return {"epochs": epochs, "seconds": time.perf_counter() - t, "final_loss": loss.item(),
             "train_accuracy": accuracy}
 
 
@@ -376,7 +380,7 @@ def headline(suite: Suite) -> dict:
     t = time.perf_counter()
     ref_op = CurvatureOperator(model, "cross_entropy", subset, batch_size=sz.batch_size, dtype=torch.float64,
                                device=device)
-    ref = lanczos(ref_op, which="LA,SA", k=1, rtol=1e-6, seed=0, return_vectors=False)
+    ref = lanczos(ref_op, which="LA,SA", k=1, rtol=1e-4, seed=0, return_vectors=False)   # 100× the contract
     out["reference"] = {"samples": sz.reference_samples, "dtype": "float64", "seconds": time.perf_counter() - t,
                         "LA": float(ref.largest.values[0]), "SA": float(ref.smallest.values[0]),
                         "converged": bool(ref.converged)}
@@ -391,8 +395,9 @@ def headline(suite: Suite) -> dict:
                   "SA": abs(check["lambda_min"] - out["reference"]["SA"]) / abs(out["reference"]["SA"])}
         row["subset_vs_float64"] = {"relative_errors": errors, "converged": check["converged"],
                                     "within_contract": all(errors[e] <= CONTRACT[e] for e in CONTRACT)}
-        if suite.left_s() > sz.headline_budget_s + 60:
-            row["full_data"] = certified(model, data, device, sz.headline_budget_s, sz.batch_size, **options)
+        budget_s = min(sz.headline_budget_s, suite.left_s() - 60)      # float32 first: it gets the most
+        if budget_s > 30:
+            row["full_data"] = certified(model, data, device, budget_s, sz.batch_size, **options)
         else:
             row["full_data"] = {"not_run": "the suite's time was nearly spent"}
         passed &= row["subset_vs_float64"]["within_contract"] and check["converged"]
@@ -425,9 +430,11 @@ def cost(suite: Suite) -> dict:
             "judged": "on a GPU only (the goal is a GPU's ratio)"}
 
 
-CHECKS = [("environment", environment, 0), ("products", products, 60), ("determinism", determinism, 10),
-          ("data_paths", data_paths, 20), ("collectives", collectives, 30), ("headline", headline, 200),
-          ("cost", cost, 30)]
+#: cheap checks first, then what settles the minute, then the long table of products (each of
+#: its rows skipped, and said so, when the suite's time runs out)
+CHECKS = [("environment", environment, 0), ("determinism", determinism, 10), ("data_paths", data_paths, 20),
+          ("collectives", collectives, 30), ("cost", cost, 30), ("headline", headline, 200),
+          ("products", products, 60)]
 
 
 def main(argv: list[str] | None = None) -> int:

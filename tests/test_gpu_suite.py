@@ -21,7 +21,7 @@ def test_smoke_runs_every_check_and_each_passes(tmp_path):
     assert result["status"].startswith("smoke") and result["passed"]
     assert json.loads((tmp_path / "copy" / "smoke.json").read_text()) == result
     checks = result["checks"]
-    assert list(checks) == ["environment", "products", "determinism", "data_paths", "collectives", "headline", "cost"]
+    assert list(checks) == ["environment", "determinism", "data_paths", "collectives", "cost", "headline", "products"]
     assert all(c["passed"] for c in checks.values())
     rows = {(r["problem"], r["config"]): r for r in checks["products"]["rows"]}
     assert rows[("digits CNN+BN", "float64 forward")]["relative_error"] < 1e-12
