@@ -55,7 +55,7 @@ def timed(fn, repeats: int, sync) -> tuple[float, float, object]:
 def compiled_gradient_time(op: CurvatureOperator, repeats: int, sync) -> tuple[float, float]:
     """The full-dataset gradient with its per-batch function ``torch.compile``d, so that a
     compiled product is compared with a compiled gradient too."""
-    value_and_grad = torch.compile(torch.func.grad_and_value(op._batch_loss_sum), dynamic=False)
+    value_and_grad = torch.compile(torch.func.grad_and_value(op.products.loss_sum), dynamic=False)
     p = tuple(op.layout.gather(op.model))
 
     def gradient():

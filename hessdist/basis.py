@@ -3,7 +3,7 @@
 The solvers run on the driver and see only small float64 arrays: the projection coefficients
 of each new product and, at the end, Ritz vectors. The basis itself (m vectors of length n)
 stays with the operator — on the driver's device in-process; on a Ray cluster each worker holds
-a contiguous slice of every vector (:mod:`hessdist.workers.basis`) — so a step moves O(m)
+a contiguous slice of every vector (:mod:`hessdist.workers.slice_basis`) — so a step moves O(m)
 numbers instead of O(n), and orthogonalisation runs next to the products.
 
 Memory follows the cap: rows are allocated in chunks as the basis grows, never beyond its
@@ -14,15 +14,12 @@ and residuals is measured in ``benchmarks/results/basis_precision.json``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from .errors import OutOfMemory
-
-if TYPE_CHECKING:
-    from .operator import Operator
 
 CHUNK_ROWS = 16            # rows allocated at a time
 COLUMN_BLOCK = 1 << 16     # columns per block when compressing in place
@@ -57,11 +54,19 @@ def basis_out_of_memory(rows: "BasisRows", exc: BaseException) -> OutOfMemory:
                        f"--basis-dtype float32 (basis_dtype=torch.float32) ({str(exc).splitlines()[0]})")
 
 
+class Products(Protocol):
+    """What a basis needs of its operator (:class:`hessdist.operator.Operator`, which builds
+    its basis and so sits above this module): the size, and products with a block of vectors."""
+
+    n: int
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
 class KrylovBasis(ABC):
     """Orthonormal vectors q_0 … q_{m-1}, grown by products with the operator ``op``."""
 
     n: int
-    op: "Operator"
 
     @property
     @abstractmethod
@@ -250,7 +255,7 @@ class BasisRows:
 class LocalKrylovBasis(KrylovBasis):
     """The basis on the operator's device, in this process."""
 
-    def __init__(self, op: "Operator", capacity: int, dtype: torch.dtype = torch.float64):
+    def __init__(self, op: Products, capacity: int, dtype: torch.dtype = torch.float64):
         self.op, self.n = op, op.n
         self.device = getattr(op, "device", torch.device("cpu"))
         self.rows = BasisRows(self.n, min(capacity, self.n), dtype, self.device)

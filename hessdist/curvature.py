@@ -2,20 +2,8 @@
 
     A V = (1/N) Σ_batches Σ_{i in batch} ∇²ℓ_i(θ) V
 
-Three ways to compute a batch's product (``mode``):
-
-* ``"forward"`` — forward-over-reverse (``torch.func.jvp`` of ``grad``), vmapped over the k
-  columns so one data pass serves the whole block. The default and the fastest.
-* ``"double-backward"`` — reverse-over-reverse with ``torch.autograd``; one forward and one
-  backward per batch, then one extra backward per column. For models whose operations lack
-  forward-mode AD.
-* ``"finite-difference"`` — central difference of gradients, (g(θ+hv) − g(θ−hv)) / 2h, for
-  models whose operations lack any second-order AD. Hessian only; its relative error is
-  O(h²) ≈ 1e-5 in float64 and ≈ 1e-3 in float32 on smooth models (measured in
-  tests/test_curvature.py). On ReLU networks the float32 step crosses activation kinks and
-  the error is O(1) (benchmarks/gpu_suite.py measures it): use float64 for finite differences.
-
-The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
+A batch's product is computed in one of three ``mode``s (forward-over-reverse, double
+backward, finite differences: :mod:`hessdist.batch_products`). The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
 batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
 and divided by the total sample count, so an uneven last batch or unequal shards do not bias the
 mean. ``reducer`` (an in-place SUM over processes) turns the per-shard sum into the full-dataset
@@ -42,20 +30,18 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vjp, vmap
 
 from .basis import basis_room
+from .batch_products import CURVATURES, MODES, BatchProducts, explained, missing_derivative, no_exact_mode
 from .compiled import CompiledProduct
 from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
 from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
 from .losses import LossFn
-from .objective import BatchLoss, BoundModel, objective_of
+from .objective import BatchLoss, objective_of
 from .operator import Operator
 from .params import ParameterLayout, load_state
 from .precision import float32_precision
 
-CURVATURES = ("hessian", "ggn")
-MODES = ("auto", "forward", "double-backward", "finite-difference")
 Reducer = Callable[[torch.Tensor], None]
 #: called by every process after its local part of a data pass with the error it met (or None);
 #: raises on every process when any failed, so that none is left waiting inside a collective
@@ -72,13 +58,6 @@ RSS_UNIT = 1 if sys.platform == "darwin" else 1024      # ru_maxrss: bytes on ma
 def products_exact(dtype: torch.dtype, tf32: bool, mode: str) -> bool:
     """Whether products in this configuration are exact to float64 rounding."""
     return dtype == torch.float64 and not tf32 and mode != "finite-difference"
-
-
-def missing_derivative(exc: BaseException) -> bool:
-    """Whether autograd failed because an operation lacks the derivative a mode needs."""
-    text = str(exc)
-    return isinstance(exc, NotImplementedError) or (
-        isinstance(exc, RuntimeError) and "derivative for" in text and "not implemented" in text)
 
 
 class MicroBatchWarning(UserWarning):
@@ -138,6 +117,7 @@ class CurvatureOperator(Operator):
                              "curvature='hessian' with a BatchLoss")
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
+        self.products = BatchProducts(self.model, self.objective, self.layout, dtype)
         self.batches = data if isinstance(data, (Batches, StreamedBatches)) else load_batches(
             data, batch_size, dtype=dtype, device=self.device, placement=placement, loader_workers=loader_workers,
             channels_last=channels_last, columns=data_columns, pairs=self.objective.pairs)
@@ -179,11 +159,7 @@ class CurvatureOperator(Operator):
         return int(total.item())
 
     def _product_function(self, mode: str, compiled: bool) -> Callable:
-        fn = {("hessian", "forward"): self._hessian_forward,
-              ("hessian", "double-backward"): self._hessian_double_backward,
-              ("hessian", "finite-difference"): self._hessian_finite_difference,
-              ("ggn", "forward"): self._ggn_forward,
-              ("ggn", "double-backward"): self._ggn_double_backward}[(self.curvature, mode)]
+        fn = self.products.function(self.curvature, mode)
         return CompiledProduct(fn, self.compile_width) if compiled else fn
 
     def _warm_up(self) -> None:
@@ -228,12 +204,7 @@ class CurvatureOperator(Operator):
         total = torch.tensor(list(seconds.values()), dtype=torch.float64, device=self.device)
         self._reduce(total)                     # every rank sums the same timings: one choice for all
         if not bool(torch.isfinite(total).any()):
-            raise InputError("an operation in the model has neither a forward-mode nor a second-order derivative "
-                             f"in PyTorch ({str(failure).splitlines()[0] if failure else 'on another rank'}), so "
-                             "no exact product exists: for a Hugging Face model load it with "
-                             "attn_implementation='eager'; for an RNN on CUDA set torch.backends.cudnn.enabled = "
-                             "False; else use mode='finite-difference' (CLI --mode finite-difference; Hessian "
-                             "only, first derivatives)")
+            raise no_exact_mode(failure)
         return list(seconds)[int(total.argmin())]
 
     def _synchronize(self) -> None:
@@ -269,29 +240,13 @@ class CurvatureOperator(Operator):
         to numpy, Ray or a checkpoint, none of which read device memory."""
         return self.layout.flatten(self.layout.gather(self.model)).to("cpu", torch.float64)
 
-    def _state(self, selected: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        # each tensor once (a tied weight under its first name; functional_call ties the others)
-        state = {k: v.detach() for k, v in [*self.model.named_parameters(), *self.model.named_buffers()]}
-        state.update(zip(self.layout.names, selected))
-        return state
-
-    # -- loss, outputs ------------------------------------------------------------------------
-    def _bound(self, p: Sequence[torch.Tensor]) -> BoundModel:
-        return BoundModel(self.model, self._state(p))
-
-    def _outputs(self, p: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
-        return self.objective.outputs(self._bound(p), batch)
-
-    def _batch_loss_sum(self, p: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
-        """The batch's mean loss times its sample count (so sums over batches weight samples equally)."""
-        return self.objective.loss_sum(self._bound(p), batch)
-
+    # -- loss ---------------------------------------------------------------------------------
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """Full-dataset mean loss and its gradient (float64, length n, on the host) at θ
         (default: current)."""
         p = tuple(self.layout.gather(self.model) if theta is None else self.layout.unflatten(
             torch.as_tensor(theta).to(self.device, self.dtype)))
-        value_and_grad = torch.func.grad_and_value(self._batch_loss_sum)
+        value_and_grad = torch.func.grad_and_value(self.products.loss_sum)
 
         def batch(b):
             g, value = value_and_grad(p, b)
@@ -328,7 +283,7 @@ class CurvatureOperator(Operator):
                     if part is not None:
                         total = part if total is None else total.add_(part)
         except Exception as exc:          # NaN in one shard, out of memory on one device: tell every process
-            error = self._explained(exc)
+            error = explained(exc, self.mode)
         self._agree(error)
         if total is None:
             total = torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -352,23 +307,6 @@ class CurvatureOperator(Operator):
             return total
 
         return self._retry_on_oom(summed)
-
-    def _explained(self, exc: BaseException) -> BaseException:
-        """``exc``, or an InputError naming the fix where autograd's own message does not."""
-        if missing_derivative(exc):
-            return self._no_derivative(exc)
-        if isinstance(exc, RuntimeError) and "mutate a captured Tensor" in str(exc):
-            return InputError("a module writes to its own buffers in the forward pass (BatchNorm in train mode "
-                              "updates its running statistics), which the functional products cannot do and "
-                              "which would change the operator from product to product: keep eval_mode=True "
-                              f"(the default) ({str(exc).splitlines()[0][:120]})")
-        return exc
-
-    def _no_derivative(self, exc: BaseException) -> InputError:
-        return InputError(f"an operation in the model has no {'forward-mode' if self.mode == 'forward' else 'second'}"
-                          f"-order derivative in PyTorch ({str(exc).splitlines()[0]}). Use mode='double-backward' "
-                          "(CLI --mode double-backward) or mode='finite-difference' (first derivatives only); for a "
-                          "Hugging Face model, load it with attn_implementation='eager'")
 
     def _retry_on_oom(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``fn()``, called again with a halved ``micro_batch`` each time the device runs out of memory."""
@@ -401,60 +339,6 @@ class CurvatureOperator(Operator):
             self.fp32_precision = flags
             yield
 
-    def _hessian_forward(self, p, b, T):
-        g = grad(self._batch_loss_sum)
-
-        def column(t):
-            return jvp(lambda q: g(q, b), (p,), (t,))[1]
-
-        return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
-
-    def _ggn_forward(self, p, b, T):
-        out, pullback = vjp(lambda q: self._outputs(q, b), p)
-        loss_grad = grad(lambda o: self.objective.output_loss_sum(o, b))
-
-        def column(t):
-            jv = jvp(lambda q: self._outputs(q, b), (p,), (t,))[1]
-            return pullback(jvp(loss_grad, (out,), (jv,))[1])[0]
-
-        return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
-
-    def _leaves(self, p):
-        return [t.detach().requires_grad_(True) for t in p]
-
-    def _hessian_double_backward(self, p, b, T):
-        q = self._leaves(p)
-        g = torch.autograd.grad(self._batch_loss_sum(q, b), q, create_graph=True)
-        rows = [torch.autograd.grad(g, q, grad_outputs=self.layout.unflatten(t), retain_graph=True)
-                for t in T]
-        return torch.stack([self.layout.flatten(r) for r in rows])
-
-    def _ggn_double_backward(self, p, b, T):
-        q = self._leaves(p)
-        out = self._outputs(q, b)
-        u = torch.zeros_like(out, requires_grad=True)
-        jt_u = torch.autograd.grad(out, q, grad_outputs=u, create_graph=True)   # Jᵀu, linear in u
-        out_leaf = out.detach().requires_grad_(True)
-        loss_grad = torch.autograd.grad(self.objective.output_loss_sum(out_leaf, b), out_leaf, create_graph=True)[0]
-        rows = []
-        for t in T:
-            jv = torch.autograd.grad(jt_u, u, grad_outputs=self.layout.unflatten(t), retain_graph=True)[0]
-            hjv = torch.autograd.grad(loss_grad, out_leaf, grad_outputs=jv, retain_graph=True)[0]
-            rows.append(self.layout.flatten(torch.autograd.grad(out, q, grad_outputs=hjv, retain_graph=True)))
-        return torch.stack(rows)
-
-    def _hessian_finite_difference(self, p, b, T):
-        g = grad(self._batch_loss_sum)
-        theta = self.layout.flatten(p)
-        scale = max(1.0, float(theta.norm()))
-        rows = []
-        for t in T:
-            h = torch.finfo(self.dtype).eps ** 0.5 * scale / max(float(t.norm()), 1e-300)
-            plus = self.layout.flatten(g(self.layout.unflatten(theta + h * t), b))
-            minus = self.layout.flatten(g(self.layout.unflatten(theta - h * t), b))
-            rows.append((plus.to(torch.float64) - minus.to(torch.float64)) / (2 * h))
-        return torch.stack(rows)
-
     # -- checks -------------------------------------------------------------------------------
     @staticmethod
     def _check_finite(t: torch.Tensor, batch: int, what: str) -> None:
@@ -475,9 +359,9 @@ class CurvatureOperator(Operator):
         if not self.objective.pairs and self.objective.count(head()) == 0:
             raise InputError(f"the first {rows(head())} rows hold no sample the loss counts (e.g. every label "
                              "is -100), so their mean loss is 0/0; put counted samples first or check the labels")
-        q = self._leaves(self.layout.gather(self.model))
+        q = self.products.leaves(self.layout.gather(self.model))
         try:
-            loss = self._retry_on_oom(lambda: self._batch_loss_sum(q, head()))
+            loss = self._retry_on_oom(lambda: self.products.loss_sum(q, head()))
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
             form = "(inputs, targets)" if self.objective.pairs else "batch"
             raise InputError(f"the model and loss failed on the first batch ({form} {describe(batch)}): "

@@ -7,7 +7,7 @@ import os
 import statistics
 
 from .errors import InputError
-from .service import HISTORY, read_history
+from .history import HISTORY, read_history
 
 
 def load_history(out_dir: str) -> list[dict]:

@@ -32,18 +32,17 @@ import numpy as np
 import ray
 import torch
 
-from .workers import DistributedOperator, OperatorSpec, WorkerGroup
 from .errors import HessdistError, InputError, QueueFull, Superseded, WorkerError
+from .history import History, filesystem, plain
 from .solvers.certify import solve_step
 from .solvers.lanczos import draw_seed
 from .solvers.ritz import Accuracy, Rtol, parse_which
+from .workers import DistributedOperator, OperatorSpec, WorkerGroup
 
 NAMESPACE = "hessdist"
 SOLVE_OPTIONS = {"which", "k", "tol", "rtol", "max_hvps", "max_fpe", "budget_s", "subset", "compare_cold", "seed",
                  "block", "max_basis", "confidence"}
 
-
-HISTORY = "history.jsonl"
 
 #: queued requests (not counting the running one) a service holds by default: enough to ride out
 #: a burst (a slow cold first solve, a restart) while a trainer that submits faster than the
@@ -68,15 +67,6 @@ def check_queue_options(max_queued: int | None, when_full: str, keep_vectors: in
                          f"step's; got {keep_vectors!r}")
 
 
-def _plain(value: Any) -> Any:
-    """JSON for the NumPy scalars and arrays a result may hold (an np.int64 product count)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 #: floating dtypes NumPy holds; any other (bfloat16, float8) is sent as float32, which holds
 #: each of its values exactly
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -97,28 +87,6 @@ def host_array(key: str, value: Any) -> np.ndarray:
         raise InputError(f"state_dict entry {key!r} has dtype {t.dtype}, which cannot be sent: {exc}") from None
 
 
-def _filesystem(path: str) -> str | None:
-    """The type of the filesystem ``path`` lies on (``ext4``, ``nfs4``, ...), from /proc/mounts."""
-    try:
-        with open("/proc/mounts") as fh:
-            mounts = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
-    except OSError:
-        return None
-    path = os.path.realpath(path)
-    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
-               key=lambda m: len(m[0]), default=None)
-    return best[1] if best else None
-
-
-def read_history(out_dir: str) -> list[dict]:
-    """The solves recorded in ``out_dir/history.jsonl``, in the order they were written ([] if none)."""
-    path = os.path.join(out_dir, HISTORY)
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 class EigenService:
     """The actor class (see :func:`start`). All public methods are remote calls."""
 
@@ -129,7 +97,6 @@ class EigenService:
         self.spec, self.out_dir = spec, os.path.abspath(out_dir)
         self.max_queued, self.when_full, self.keep_vectors = max_queued, when_full, keep_vectors
         self.rejected = self.superseded = 0
-        os.makedirs(os.path.join(self.out_dir, "vectors"), exist_ok=True)
         self.group_options = dict(group_options or {}, gpus_per_worker=gpus_per_worker)
         self.group = WorkerGroup(spec, workers, **self.group_options)
         self.op = DistributedOperator(self.group)
@@ -139,63 +106,9 @@ class EigenService:
         self._results: dict[int, tuple[bool, Any]] = {}
         self._next_id = 0
         self.running, self.last_error = None, None
-        self.history = read_history(self.out_dir)
-        self.vectors = self._load_vectors(self.history[-1]["step"]) if self.history else {}
+        self.history = History(self.out_dir, keep_vectors)
+        self.vectors = self.history.latest_vectors()
         threading.Thread(target=self._serve_queue, daemon=True, name="hessdist-solver").start()
-
-    # -- persistence --------------------------------------------------------------------------
-    @property
-    def _history_path(self) -> str:
-        return os.path.join(self.out_dir, HISTORY)
-
-    def _vectors_path(self, step: int) -> str:
-        return os.path.join(self.out_dir, "vectors", f"step-{step}.pt")
-
-    def _load_vectors(self, step: int) -> dict[str, np.ndarray]:
-        path = self._vectors_path(step)
-        if not os.path.exists(path):
-            return {}
-        return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
-
-    def _record(self, entry: dict, vectors: dict[str, np.ndarray]) -> None:
-        """Vectors first, then one appended (flushed, fsynced) history line, then the vector
-        files ``keep_vectors`` no longer keeps (named in the entry, ``vectors_pruned``): a crash
-        between them leaves an unreferenced or an unpruned vector file, never a history line
-        without vectors. The line is encoded before anything is written."""
-        prune = self._to_prune([*self.history, entry])
-        if prune:
-            entry["vectors_pruned"] = prune
-        line = json.dumps(entry, default=_plain)
-        # torch.tensor copies: torch.from_numpy would share the array, and an array that came
-        # out of the object store is read-only (PyTorch warns, and a tensor on it must not be written)
-        torch.save({k: torch.tensor(np.asarray(v)) for k, v in vectors.items()}, self._vectors_path(entry["step"]))
-        with open(self._history_path, "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        for step in prune:
-            try:
-                os.remove(self._vectors_path(step))
-            except FileNotFoundError:
-                pass
-
-    def _to_prune(self, history: list[dict]) -> list[int]:
-        """Steps whose vector files are older than the newest ``keep_vectors`` solves (in the
-        order they were solved: the newest is what the next solve warm-starts from)."""
-        if self.keep_vectors is None:
-            return []
-        newest = {e["step"] for e in history[-self.keep_vectors:]}
-        return [e["step"] for e in history[:-self.keep_vectors]
-                if e["step"] not in newest and os.path.exists(self._vectors_path(e["step"]))]
-
-    def _vector_files(self) -> tuple[int, int]:
-        """(count, bytes) of the vector files in the out-dir."""
-        folder = os.path.join(self.out_dir, "vectors")
-        try:
-            sizes = [entry.stat().st_size for entry in os.scandir(folder) if entry.name.endswith(".pt")]
-        except OSError:
-            return 0, 0
-        return len(sizes), sum(sizes)
 
     # -- solves: a FIFO queue served by one thread, in the order requests arrived ----------------
     def enqueue(self, state: dict[str, np.ndarray], step: int, options: dict) -> int:
@@ -263,7 +176,7 @@ class EigenService:
                tol: float | None = None, rtol: Rtol = None, subset: float | str | None = "auto",
                compare_cold: bool = False, seed: int | None = None, **solver_options: Any) -> dict:
         which = parse_which(which)
-        if any(h["step"] == step for h in self.history):
+        if any(h["step"] == step for h in self.history.entries):
             raise InputError(f"step {step} is already in the history; submit each step once")
         t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
@@ -277,24 +190,23 @@ class EigenService:
             entry.update(cold_hvps=cold.hvps, cold_fpe=cold.fpe, hvps_saved=cold.hvps - res.hvps,
                          fpe_saved=cold.fpe - res.fpe)
         entry.update(wall_seconds=time.time() - t0, products=self.op.describe())
-        entry = json.loads(json.dumps(entry, default=_plain))     # what the history holds, returned alike
+        entry = json.loads(json.dumps(entry, default=plain))      # what the history holds, returned alike
         vectors = {w: p.vectors for w, p in res.pairs.items()}
-        self._record(entry, vectors)
-        self.history.append(entry)
+        self.history.record(entry, vectors)
         self.vectors = vectors
         return entry
 
     # -- management ---------------------------------------------------------------------------
     def status(self) -> dict:
-        latest = self.history[-1] if self.history else None
-        files, size = self._vector_files()
+        latest = self.history.entries[-1] if self.history.entries else None
+        files, size = self.history.vector_files()
         return {"workers": self.group.size, "gpus_per_worker": self.group.gpus, "pid": os.getpid(),
                 "n_params": self.op.n, "n_samples": self.op.n_samples,
                 "queued": self._queued_steps(), "max_queued": self.max_queued, "when_full": self.when_full,
                 "rejected": self.rejected, "superseded": self.superseded,
-                "running": self.running, "solves": len(self.history), "last_error": self.last_error,
+                "running": self.running, "solves": len(self.history.entries), "last_error": self.last_error,
                 "workers_replaced": len(self.group.replacements), "out_dir": self.out_dir,
-                "out_dir_filesystem": _filesystem(self.out_dir), "node": ray.util.get_node_ip_address(),
+                "out_dir_filesystem": filesystem(self.out_dir), "node": ray.util.get_node_ip_address(),
                 "keep_vectors": self.keep_vectors, "vector_files": files, "vector_bytes": size,
                 "worker_pids": [p["pid"] for p in self.group.placements],
                 "devices": [f"{p['node']} gpus={p['gpus'] or 'none'}" for p in self.group.placements],
@@ -302,7 +214,7 @@ class EigenService:
                     "step", "largest", "smallest", "converged", "hvps", "fpe", "seconds") if key in latest}}
 
     def history_entries(self) -> list[dict]:
-        return list(self.history)
+        return list(self.history.entries)
 
     def scale(self, workers: int) -> dict:
         """Replace the worker group by one of ``workers`` workers (data re-sharded), between solves."""

@@ -15,7 +15,7 @@ from torch import nn
 from hessdist.basis import CHUNK_ROWS, HOST_BASIS_BYTES
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
-from hessdist.workers.basis import SliceBasis
+from hessdist.workers.slice_basis import SliceBasis
 from hessdist.workers.worker import free_port
 
 from .helpers import cnn_bn, digits_subset, mlp, reference

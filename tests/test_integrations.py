@@ -26,7 +26,8 @@ from hessdist.curvature import CurvatureOperator
 from hessdist.errors import HessdistError, InputError, Superseded
 from hessdist.examples import digits
 from hessdist.integrations import DEFAULT_RTOL, HessianSolveWarning, SpectrumMonitor
-from hessdist.integrations.common import _Pending, require
+from hessdist.integrations.background import Pending
+from hessdist.integrations.monitor import require
 from hessdist.integrations.huggingface import HessianCallback as HFHessianCallback
 from hessdist.integrations.lightning import HessianCallback as PLHessianCallback
 from hessdist.solvers.certify import solve
@@ -401,7 +402,7 @@ def test_a_superseded_step_is_listed_not_reported_as_failed(data):
     monitor = SpectrumMonitor("cross_entropy", (x, y))
     future = concurrent.futures.Future()
     future.set_exception(Superseded("step 3 was superseded by step 4", 3, 4))
-    monitor._pending.append(_Pending(3, 1.0, future))
+    monitor._pending.append(Pending(3, 1.0, future))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                          # no HessianSolveWarning
         assert monitor.poll() == []

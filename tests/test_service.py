@@ -573,18 +573,16 @@ def test_saving_vectors_from_the_object_store_raises_no_warning(tmp_path):
     with PyTorch's read-only-array warning made an error, they are saved and read back alike.
     In a fresh process: PyTorch gives that warning once per process."""
     script = textwrap.dedent(f"""
-        import os, warnings
+        import warnings
         import numpy as np, torch
-        from hessdist.service import EigenService
+        from hessdist.history import History
         warnings.filterwarnings("error", message={NOT_WRITABLE!r})
-        svc = EigenService.__new__(EigenService)
-        svc.out_dir, svc.history, svc.keep_vectors = {str(tmp_path)!r}, [], None
-        os.makedirs(os.path.join(svc.out_dir, "vectors"))
+        history = History({str(tmp_path)!r})
         vectors = {{"LA": np.arange(6.0).reshape(3, 2), "SA": np.ones((3, 1))}}
         for v in vectors.values():
             v.flags.writeable = False               # as Ray hands out arrays from its object store
-        svc._record({{"step": 7, "hvps": np.int64(3)}}, vectors)
-        back = svc._load_vectors(7)
+        history.record({{"step": 7, "hvps": np.int64(3)}}, vectors)
+        back = history.load_vectors(7)
         assert all(np.array_equal(back[k], vectors[k]) for k in vectors)
         print("ok")
     """)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curvature import CURVATURES, MODES, CurvatureOperator
+from ..batch_products import CURVATURES, MODES
+from ..curvature import CurvatureOperator
 from ..data import PLACEMENTS
 from ..errors import InputError
 from ..examples import EXAMPLES, cifar10_dir, get_example

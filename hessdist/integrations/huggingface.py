@@ -26,7 +26,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError
-from .common import Solve, SpectrumMonitor, require
+from .monitor import SpectrumMonitor, require
+from .solves import Solve
 
 require("transformers", "huggingface", "Hugging Face transformers")
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
@@ -36,7 +37,7 @@ class HessianCallback(SpectrumMonitor, TrainerCallback):
     """A ``TrainerCallback`` that requests a Hessian solve after every ``every_n_epochs``-th epoch
     (``on_epoch_end``) and/or every ``every_n_steps`` optimizer steps (``on_step_end``) and logs
     each result through ``trainer.log`` when it arrives. Arguments: see
-    :class:`~hessdist.integrations.common.SpectrumMonitor` — ``HessianCallback(loss, data, ...)``
+    :class:`~hessdist.integrations.monitor.SpectrumMonitor` — ``HessianCallback(loss, data, ...)``
     solves in a background thread of this process (a model whose forward returns a dict or
     ``ModelOutput`` needs a ``loss`` that picks its logits, e.g.
     ``lambda out, y: F.cross_entropy(out["logits"], y)``); ``HessianCallback(service=name)``

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .common import Solve, SpectrumMonitor, require
+from .monitor import SpectrumMonitor, require
+from .solves import Solve
 
 require("lightning.pytorch", "lightning", "PyTorch Lightning")
 import lightning.pytorch as pl  # noqa: E402
@@ -27,7 +28,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 class HessianCallback(SpectrumMonitor, Callback):
     """A Lightning ``Callback`` that requests a Hessian solve after every ``every_n_epochs``-th
     training epoch (and/or every ``every_n_steps`` optimizer steps) and logs each result when it
-    arrives. Arguments: see :class:`~hessdist.integrations.common.SpectrumMonitor` — in short
+    arrives. Arguments: see :class:`~hessdist.integrations.monitor.SpectrumMonitor` — in short
     ``HessianCallback(loss, data, ...)`` solves in a background thread of this process, on the
     LightningModule (or its submodule ``module=``); ``HessianCallback(service=name)`` submits to
     a running eigen-service. Results: ``cb.results`` (and ``cb.errors``)."""

@@ -1,6 +1,6 @@
 """Distributed products: worker actors, their process group, the sharded Krylov basis and the
 distributed operator."""
-from .basis import ShardedKrylovBasis
+from .sharded_basis import ShardedKrylovBasis
 from .group import OperatorSpec, WorkerGroup, connect, worker_layout
 from .operator import DistributedOperator
 

@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from ..curvature import products_exact
 from ..operator import Operator
-from .basis import ShardedKrylovBasis
+from .sharded_basis import ShardedKrylovBasis
 from .group import WorkerGroup
 
 

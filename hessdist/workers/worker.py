@@ -19,7 +19,7 @@ from ..errors import WorkerError
 from ..imports import resolve
 from ..losses import LossFn
 from ..objective import BatchLoss
-from .basis import MissingBasis, SliceBasis
+from .slice_basis import MissingBasis, SliceBasis
 from .collectives import agree_across_ranks, all_reduce_sum
 
 Factory = Union[str, Callable[..., Any]]
@@ -181,7 +181,7 @@ class CurvatureWorker:
     def basis_bytes(self) -> int:
         return self.op.basis_bytes()
 
-    # -- this rank's slice of a sharded Krylov basis (hessdist.workers.basis) -----------------
+    # -- this rank's slice of a sharded Krylov basis (hessdist.workers.slice_basis) -----------------
     def _basis(self, basis_id: str) -> SliceBasis:
         if self.basis is None or self.basis_id != basis_id:
             raise MissingBasis(f"rank {self.rank} holds no basis {basis_id[:8]}")

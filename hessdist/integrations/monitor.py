@@ -22,11 +22,8 @@ import concurrent.futures
 import importlib
 import inspect
 import math
-import queue
-import threading
 import time
 import warnings
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -36,72 +33,8 @@ from torch import nn
 
 from ..errors import HessdistError, InputError, Superseded
 from ..solvers.ritz import Accuracy, parse_which
-
-#: the callbacks' defaults: both ends, λ_max to 1% and λ_min (often small, near 0) to 5%, relative
-DEFAULT_WHICH = "LA,SA"
-DEFAULT_RTOL: Mapping[str, float] = {"LA": 1e-2, "SA": 5e-2}
-#: metric names of the result dict's ends
-END_METRICS = {"largest": "lambda_max", "smallest": "lambda_min", "largest_magnitude": "lambda_maxabs"}
-
-
-class HessianSolveWarning(UserWarning):
-    """A Hessian solve started by a callback failed (or was still running when training ended);
-    training goes on, the message names the step and the cause."""
-
-
-@dataclass
-class Solve:
-    """One requested solve: the training ``step`` and ``epoch`` whose parameters it used, and
-    either its ``entry`` (the eigen-service's history entry, or the same dict from an in-process
-    solve: ``largest``, ``smallest``, ``intervals``, ``hvps``, ``fpe``, ``converged``, ``seed``,
-    ``warm_start``, ...) or the ``error`` it raised."""
-
-    step: int
-    epoch: float | None
-    entry: dict | None = None
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def solve_metrics(solve: Solve, prefix: str = "hessian") -> dict[str, float]:
-    """A finished solve as flat scalar metrics: ``{prefix}/lambda_max`` with ``_lo``/``_hi`` (its
-    certified interval; an unbounded side is left out) and ``_residual``, the same for
-    ``lambda_min`` (and ``lambda_maxabs`` for which="LM"; the i-th value for k > 1 is
-    ``lambda_max_{i}``), then ``hvps``, ``fpe``, ``converged`` (1/0), ``warm_start`` (1/0),
-    ``seconds``, and the ``step`` and ``epoch`` the parameters came from — a result arrives later
-    than the step it belongs to, and a logger may stamp it with the current one."""
-    entry = solve.entry or {}
-    out: dict[str, float] = {}
-    for end, name in END_METRICS.items():
-        values = entry.get(end)
-        if values is None:
-            continue
-        intervals = (entry.get("intervals") or {}).get(end) or []
-        residuals = (entry.get("residual_norms") or {}).get(end) or []
-        for i, value in enumerate(values):
-            key = f"{prefix}/{name}" + (f"_{i + 1}" if i else "")
-            out[key] = float(value)
-            if i < len(intervals):
-                lo, hi = intervals[i]
-                if lo is not None and math.isfinite(lo):
-                    out[f"{key}_lo"] = float(lo)
-                if hi is not None and math.isfinite(hi):
-                    out[f"{key}_hi"] = float(hi)
-            if i < len(residuals):
-                out[f"{key}_residual"] = float(residuals[i])
-    for key in ("hvps", "fpe", "seconds"):
-        if entry.get(key) is not None:
-            out[f"{prefix}/{key}"] = float(entry[key])
-    for key in ("converged", "warm_start"):
-        if key in entry:
-            out[f"{prefix}/{key}"] = float(bool(entry[key]))
-    out[f"{prefix}/step"] = float(solve.step)
-    if solve.epoch is not None:
-        out[f"{prefix}/epoch"] = float(solve.epoch)
-    return out
+from .background import Pending, SolverThread, snapshot
+from .solves import DEFAULT_RTOL, DEFAULT_WHICH, HessianSolveWarning, Solve, solve_metrics
 
 
 def _solve_options(service: bool) -> set[str]:
@@ -122,48 +55,6 @@ def require(module: str, extra: str, framework: str) -> ModuleType:
     except ImportError as exc:
         raise ImportError(f"hessdist.integrations.{extra} needs {framework} ({exc}); install it with "
                           f"pip install 'hessdist[{extra}]'") from exc
-
-
-class _SolverThread:
-    """One daemon thread running queued jobs in order (a warm start needs the previous result).
-    Daemon: a solve still running when the interpreter exits does not hold the exit up."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="hessdist-callback-solver", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def close(self) -> None:
-        """Stop after the jobs already queued."""
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:     # handed to the training thread, which warns or raises
-                future.set_exception(exc)
-
-
-@dataclass
-class _Pending:
-    step: int
-    epoch: float | None
-    future: Any                 # a concurrent.futures.Future (in-process) or a ray.ObjectRef (service)
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A host copy of the full state (parameters and buffers), taken now: training goes on."""
-    with torch.no_grad():
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def monitor_defaults(device: torch.device) -> dict[str, Any]:
@@ -257,10 +148,10 @@ class SpectrumMonitor:
         self.errors: list[Solve] = []
         #: steps an eigen-service started with ``when_full="coalesce"`` dropped for newer ones
         self.superseded: list[int] = []
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._handle: Any = None
         self._op: Any = None
-        self._thread: _SolverThread | None = None
+        self._thread: SolverThread | None = None
         self._previous: dict[str, np.ndarray] | None = None
         self._last_step: int | None = None
         self._last_poll = -math.inf
@@ -307,7 +198,7 @@ class SpectrumMonitor:
         except Exception as exc:
             self._collected(Solve(step, epoch, error=exc))
             return
-        self._pending.append(_Pending(step, epoch, future))
+        self._pending.append(Pending(step, epoch, future))
 
     def target(self, model: nn.Module) -> nn.Module:
         """The module analysed: ``model``, or its submodule ``module`` (the framework callbacks
@@ -408,9 +299,9 @@ class SpectrumMonitor:
             self._op = CurvatureOperator(model, self.loss, self.data, **self._operator_kwargs(model))
             state = None
         else:
-            state = _snapshot(model)
+            state = snapshot(model)
         if self._thread is None:
-            self._thread = _SolverThread()
+            self._thread = SolverThread()
         return self._thread.submit(self._solve_local, self._op, state, step)
 
     def _solve_local(self, op: Any, state: dict[str, torch.Tensor] | None, step: int) -> dict:
@@ -436,7 +327,7 @@ class SpectrumMonitor:
         ready_ids = {r.hex() for r in ready}
         return {id(f) for f in futures if f.hex() in ready_ids}
 
-    def _outcome(self, p: _Pending) -> Solve:
+    def _outcome(self, p: Pending) -> Solve:
         try:
             if isinstance(p.future, concurrent.futures.Future):
                 entry = p.future.result()
