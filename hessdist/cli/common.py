@@ -228,6 +228,13 @@ END_KEYS = {"largest": "LA", "smallest": "SA", "largest_magnitude": "LM"}
 END_NAMES = {v: k for k, v in END_KEYS.items()}
 
 
+def write_png(path: str | None, draw: Callable[[str], None], say: Callable[[str], None]) -> None:
+    """``draw(path)`` and say so, when a --png path was given."""
+    if path:
+        draw(path)
+        say(f"wrote {path}")
+
+
 def load_vectors(path: str) -> dict[str, np.ndarray]:
     """Saved eigenvectors ({"largest": (n, k), "smallest": (n, k)}, the service's {"LA", "SA"},
     or one tensor), loaded with ``weights_only=True``; keys normalised to LA/SA/LM."""

@@ -12,7 +12,7 @@ from ..directions import curvature_along, line_scan, plot_curvatures, plot_line
 from ..errors import InputError
 from ..solvers.lanczos import lanczos
 from ..solvers.ritz import parse_which
-from .common import END_KEYS, add_problem_options, load_checkpoint, load_vectors, run_problem
+from .common import END_KEYS, add_problem_options, load_checkpoint, load_vectors, run_problem, write_png
 
 def pick_direction(args: argparse.Namespace) -> np.ndarray:
     end, _, index = args.vector.partition(":")
@@ -37,9 +37,8 @@ def cmd_curvature(args: argparse.Namespace) -> int:
                 op.set_parameters(load_checkpoint(path))
             rows.append({"checkpoint": path or "(model as given)", "curvature": curvature_along(op, direction)})
             say(f"{rows[-1]['checkpoint']}: vᵀHv = {rows[-1]['curvature']:.8g}")
-        if args.png:
-            plot_curvatures([os.path.basename(r["checkpoint"]) for r in rows], [r["curvature"] for r in rows], args.png)
-            say(f"wrote {args.png}")
+        write_png(args.png, lambda path: plot_curvatures([os.path.basename(r["checkpoint"]) for r in rows],
+                                                         [r["curvature"] for r in rows], path), say)
         out = {"direction": args.direction, "vector": args.vector, "curvatures": rows,
                "hvps": op.hvps - hvps0, "fpe": op.fpe - fpe0, "seconds": time.perf_counter() - t0}
         table = "\n".join(f"{r['checkpoint']:<40} vᵀHv = {r['curvature']:+.8g}" for r in rows)
@@ -63,9 +62,7 @@ def cmd_line(args: argparse.Namespace) -> int:
             lo, hi, count = args.alphas.split(",")
             alphas = np.linspace(float(lo), float(hi), int(count))
         scan = line_scan(op, direction, alphas)
-        if args.png:
-            plot_line(scan, args.png, title=f"loss along {source}")
-            say(f"wrote {args.png}")
+        write_png(args.png, lambda path: plot_line(scan, path, title=f"loss along {source}"), say)
         out = {**scan.to_dict(), "direction": source, "hvps": op.hvps - hvps0, "fpe": op.fpe - fpe0,
                "seconds": time.perf_counter() - t0}
         table = (f"along {source}: L(θ) = {scan.loss_at_theta:.6g}, gᵀv = {scan.slope:.3g}, vᵀHv = {scan.curvature:.6g}; "

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..solvers.slq import slq
 from ..solvers.trace import hutchinson, hutchpp
-from .common import add_problem_options, run_problem
+from .common import add_problem_options, run_problem, write_png
 
 def cmd_density(args: argparse.Namespace) -> int:
     def body(op, job, say):
@@ -23,9 +23,7 @@ def cmd_density(args: argparse.Namespace) -> int:
                "nodes": [t.tolist() for t in d.nodes], "weights": [w.tolist() for w in d.weights],
                "tridiagonals": [T.tolist() for T in d.tridiagonals], "hvps": d.hvps, "fpe": d.fpe,
                "seconds": d.seconds}
-        if args.png:
-            plot_density(grid, phi, args.png)
-            say(f"wrote {args.png}")
+        write_png(args.png, lambda path: plot_density(grid, phi, path), say)
         table = (f"spectral density from {args.probes} probes × {args.steps} steps: support "
                  f"[{d.support[0]:.6g}, {d.support[1]:.6g}], trace/n ≈ {out['moments'][1]:.6g}, "
                  f"σ = {out['sigma']:.3g}")
