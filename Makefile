@@ -18,8 +18,10 @@ install: $(BIN)/hessdist
 demo: install
 	$(BIN)/hessdist eigs --example digits-mlp --which LA,SA --k 3 --json results-digits-mlp.json
 
+# Two pytest processes (pytest-xdist), each test file whole on one of them: the files' Ray
+# clusters and worker groups are set up once per file, as in a serial run.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Peer tools for benchmarks/peers.py, without their declared dependencies (see pyproject.toml).
 PEERS := "pyhessian==0.1" "hessian-eigenthings==1.0.0a5" "curvlinops-for-pytorch==3.0.1" einops einconv linear_operator tqdm

@@ -1,0 +1,61 @@
+"""What the service tests share: a Ray head of their own started with `ray start --head`, and
+driver processes connected to it as a trainer's would be."""
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+HESSDIST = [sys.executable, "-m", "hessdist.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(env: dict):
+    """A Ray head of its own (`ray start --head --block`) under ``env``, stopped by ending that
+    process; yields its address once the port answers. Its --temp-dir is short: Ray's socket
+    paths under it must stay within the 107-byte Unix limit."""
+    temp_dir = tempfile.mkdtemp(prefix="ray")
+    port = free_port()
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**env, "RAY_USAGE_STATS_ENABLED": "0"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert head.poll() is None, open(log.name).read()[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(3)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def driver(address: str, code: str, timeout: int = 600, runtime_env: dict | None = None) -> dict:
+    """Run ``code`` in a separate Python process connected to the cluster; it prints one JSON.
+    ``runtime_env``: the job's (inherited by a service it starts, and by that service's workers)."""
+    script = "import json, ray, torch, hessdist\n" \
+             f"ray.init(address={address!r}, namespace='hessdist', logging_level='ERROR', " \
+             f"runtime_env={runtime_env!r})\n" + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
