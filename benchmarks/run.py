@@ -27,6 +27,11 @@ def _load(name):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def _rows(name: str) -> list[dict]:
+    """The rows of results/<name>.json ([] when that benchmark has not been run)."""
+    return (_load(name) or {}).get("rows", [])
+
+
 def _cell(d: dict | None) -> str:
     """products (seconds) for a target, or why there is none."""
     if not d:
@@ -378,28 +383,24 @@ def _like_for_like(c: dict) -> float:
 def summary() -> str:
     """The short table for the top-level README: one line per claim, each from a results file."""
     rows = ["| what (benchmark file) | hessdist | peers / baseline |", "| --- | --- | --- |"]
-    pe = _load("peers")
-    for r in (pe or {}).get("rows", []):
+    for r in _rows("peers"):
         tools = {t["tool"]: t for t in r["tools"] if t["status"] == "ok"}
         ours = "; ".join(f"{name.replace('hessdist', '').strip(' ()') or 'in-process'} {_cell(t['both'])}"
                          for name, t in tools.items() if name.startswith("hessdist"))
         others = "; ".join(f"{name} {_cell(t['both'])}" for name, t in tools.items() if not name.startswith("hessdist"))
         rows.append(f"| products for λ_max (1e-3) and λ_min (1e-2), {r['problem']} (peers.json) | {ours} | {others} |")
-    pc = _load("product_cost")
-    for r in (pc or {}).get("rows", []):
+    for r in _rows("product_cost"):
         b = min(r["configs"], key=_like_for_like)
         how = f"{b['mode']}{', compiled' if b['compiled'] else ''}{', channels-last' if b['channels_last'] else ''}, k={b['k']}"
         plain = next(c for c in r["configs"] if c["mode"] == "forward" and not c["compiled"] and not c["channels_last"] and c["k"] == 1)
         rows.append(f"| product per column ÷ gradient (like for like), {r['problem']}, {r['device']} (product_cost.json) | {_like_for_like(b):.2f} ({how}) | "
                     f"{plain['ratio_to_gradient']:.2f} (forward, eager, k=1) |")
-    dp = _load("ddp_peer")
-    for r in (dp or {}).get("rows", []):
+    for r in _rows("ddp_peer"):
         e = r["eigenthings_ddp"]
         peer = f"hessian-eigenthings DDP {e['product_s']:.3f} s" if e["status"] == "ok" else e["status"]
         rows.append(f"| one product, 2 processes (gloo), {r['problem']} (ddp_peer.json) | "
                     f"{r['hessdist_ray']['vector_on_workers_s']:.3f} s (Ray workers) | {peer} |")
-    ws = _load("warm_start")
-    for r in (ws or {}).get("rows", []):
+    for r in _rows("warm_start"):
         rows.append(f"| products at the next epoch, warm vs cold, {r['problem']} (warm_start.json) | "
                     f"{r['warm_single_sum']['oracle_hvps']} | cold {r['cold_single']['oracle_hvps']}; "
                     f"scipy LOBPCG warm {r['scipy_lobpcg_warm_per_end']['total']} |")
@@ -413,8 +414,7 @@ def summary() -> str:
             rows.append(f"| Ray: Lanczos step beyond the product, 10.2M parameters, float32 products, {r['workers']} CPU worker(s) (ray_scaling.json) | "
                         f"{r['overhead_with_driver_s']:.3f} s ({100 * r['overhead_fraction']:.0f}% of a {r['product_s']:.2f} s "
                         f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB of host memory per worker |")
-    sb = _load("subset")
-    for r in (sb or {}).get("rows", []):
+    for r in _rows("subset"):
         rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {_fpe_cell(r['subset_cold'][str(r['default_fraction'])])} "
                     f"(5% subset, then certified) | plain {_fpe_cell(r['plain_cold'])} |")
     ep = _load("epochs")

@@ -30,12 +30,3 @@ def cluster():
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
-
-#: the longest test files, collected first: `make test` runs two pytest processes, each taking
-#: whole files in collection order, and they finish together when the long files start early
-LONGEST_FIRST = ("test_service.py", "test_workers.py", "test_worker_failures.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
