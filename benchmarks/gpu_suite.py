@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import time
 import traceback
 import warnings
@@ -268,22 +267,17 @@ def data_paths(suite: Suite) -> dict:
 
 
 # -- collectives ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def collectives(suite: Suite) -> dict:
     import torch.distributed as dist
 
     from hessdist.workers.collectives import agree_across_ranks, all_reduce_sum
+    from hessdist.workers.worker import free_port
 
     x, y = digits()
     data = (x[:suite.sizes.small_samples], y[:suite.sizes.small_samples])
     local = CurvatureOperator(digits_cnn(), "cross_entropy", data, dtype=torch.float64, device=suite.device)
     backend = "nccl" if suite.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60),
                             **({"device_id": suite.device} if backend == "nccl" else {}))
     try:

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from .data import free_memory
 from .errors import OutOfMemory
 
 CHUNK_ROWS = 16            # rows allocated at a time
@@ -40,10 +41,7 @@ def basis_room(device: torch.device | str, share: float = 0.5) -> int:
     rest is the products' activations; a fixed size would not fit a GPU that a training
     shares), or ``HOST_BASIS_BYTES`` on the host."""
     device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * share)
-    return HOST_BASIS_BYTES
+    return int(free_memory(device) * share) if device.type == "cuda" else HOST_BASIS_BYTES
 
 
 def basis_out_of_memory(rows: "BasisRows", exc: BaseException) -> OutOfMemory:

@@ -3,7 +3,8 @@
     A V = (1/N) Σ_batches Σ_{i in batch} ∇²ℓ_i(θ) V
 
 A batch's product is computed in one of three ``mode``s (forward-over-reverse, double
-backward, finite differences: :mod:`hessdist.batch_products`). The exact modes agree to rounding; ``"auto"`` times forward and double-backward on the first
+backward, finite differences: :mod:`hessdist.batch_products`). The exact modes agree to
+rounding; ``"auto"`` times forward and double-backward on the first
 batch and keeps the faster (``mode`` then names the one chosen). Sums are accumulated in float64
 and divided by the total sample count, so an uneven last batch or unequal shards do not bias the
 mean. ``reducer`` (an in-place SUM over processes) turns the per-shard sum into the full-dataset

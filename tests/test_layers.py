@@ -4,6 +4,8 @@ at the top, inside functions, and under ``TYPE_CHECKING`` (a type a lower module
 in a protocol below both)."""
 import ast
 import os
+import subprocess
+import sys
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hessdist")
 
@@ -66,3 +68,14 @@ def test_no_import_circles_in_the_package():
     edges = graph()
     assert "hessdist.workers.group" in edges and edges["hessdist.operator"]     # the graph is read
     assert circles(edges) == []
+
+
+def test_the_process_group_layer_imports_without_ray():
+    """A GPU machine without Ray (the device suite's fallback) can still import what a rank runs:
+    the collectives, the basis slice and the worker class."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import hessdist.workers.collectives, hessdist.workers.slice_basis, hessdist.workers.worker\n"
+            "import hessdist.workers\n"
+            "try:\n    hessdist.workers.WorkerGroup\nexcept ImportError:\n    print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -107,7 +107,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=float, help="stop before this many seconds")
     p.add_argument("--block", type=int, help="columns per product call (default: the start block's width)")
     p.add_argument("--max-basis", type=int, help="basis vectors kept before a thick restart (default: half "
-                   "a GPU's free memory, or 4 GiB of host memory, per worker; the basis is sharded, so W workers keep W times as many)")
+                   "a GPU's free memory, or 4 GiB of host memory, per worker; the basis is sharded, so W "
+                   "workers keep W times as many)")
     p.add_argument("--basis-dtype", choices=("float64", "float32"), default="float64",
                    help="float32: twice the basis vectors in the same memory (pairs confirmed with real products)")
     p.add_argument("--confidence", type=float, default=0.999, help="for the probabilistic 'nothing beyond' limits")

@@ -77,7 +77,8 @@ class SpectrumMonitor:
     the model's; on a GPU, data streamed from the host and a basis of at most a tenth of the free
     memory, so the training keeps its memory: :func:`monitor_defaults`), except ``tf32``, which
     is refused: PyTorch's TF32 switch is process-wide, so it would reach the training too (a
-    service's workers are processes of their own). The operator is built, copying the model, at the first solve, on the calling
+    service's workers are processes of their own). The operator is built, copying the model, at
+    the first solve, on the calling
     thread; later solves load a copy of the state dict taken when they were requested. Each
     in-process solve is warm-started from the previous one's eigenvectors (as the service does).
 

@@ -204,7 +204,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
     later search stays orthogonal to found outliers); the default fills half a GPU's free memory
-    (4 GiB of host memory on a CPU) in each process that holds a part of the basis. ``basis_dtype``: float64 (default) or float32 (twice the vectors
+    (4 GiB of host memory on a CPU) in each process that holds a part of the basis.
+    ``basis_dtype``: float64 (default) or float32 (twice the vectors
     in the same memory; its rounding, ~1e-7, is invisible to the projection, so the returned
     pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
     the target says so: ``stop_reason="precision"``).
