@@ -4,6 +4,7 @@ all). Written so that a crash never leaves a history line without its vectors; r
 restarted service (to warm-start again) and by ``hessdist report``. No Ray here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -21,6 +22,17 @@ def plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def parameters_digest(state: dict[str, np.ndarray]) -> str:
+    """A SHA-256 of a state_dict's names, dtypes, shapes and values: whether a step submitted
+    again is the one already solved (then its recorded answer is the answer)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = np.ascontiguousarray(state[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def read_history(out_dir: str) -> list[dict]:

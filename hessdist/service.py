@@ -33,7 +33,7 @@ import ray
 import torch
 
 from .errors import HessdistError, InputError, QueueFull, Superseded, WorkerError
-from .history import History, filesystem, plain
+from .history import History, filesystem, parameters_digest, plain
 from .solvers.certify import solve_step
 from .solvers.lanczos import draw_seed
 from .solvers.ritz import Accuracy, Rtol, parse_which
@@ -176,14 +176,20 @@ class EigenService:
                tol: float | None = None, rtol: Rtol = None, subset: float | str | None = "auto",
                compare_cold: bool = False, seed: int | None = None, **solver_options: Any) -> dict:
         which = parse_which(which)
-        if any(h["step"] == step for h in self.history.entries):
-            raise InputError(f"step {step} is already in the history; submit each step once")
+        digest = parameters_digest(state)
+        for done in self.history.entries:
+            if done["step"] == step:
+                if done.get("parameters_sha256") == digest:     # e.g. resubmitted after the service died
+                    return {**done, "from_history": True}
+                raise InputError(f"step {step} is already in the history, solved at other parameters; "
+                                 "submit each step once (a step submitted again with the same parameters "
+                                 "returns its recorded answer)")
         t0, replaced = time.time(), len(self.group.replacements)
         self.op.set_parameters({key: torch.tensor(v) for key, v in state.items()})
         opts = dict(which=which, k=k, tol=tol, rtol=rtol, seed=draw_seed(seed), subset=subset, **solver_options)
         answer, solved = solve_step(self.op, self.vectors, **opts)
         res = answer.result
-        entry = {"step": step, **solved, "workers": self.group.size,
+        entry = {"step": step, "parameters_sha256": digest, **solved, "workers": self.group.size,
                  "workers_replaced": len(self.group.replacements) - replaced}
         if compare_cold and self.vectors:
             cold = solve_step(self.op, None, return_vectors=False, **opts)[0].result
@@ -306,7 +312,9 @@ class ServiceHandle:
         bfloat16 (and float8) tensors are sent as float32, which holds their values exactly.
         Raises :class:`QueueFull` when the service's queue is full and it rejects; with
         ``when_full="coalesce"`` the future of a step pushed out by newer ones raises
-        :class:`Superseded` from :meth:`result`."""
+        :class:`Superseded` from :meth:`result`. A step already in the history returns its
+        recorded answer (``from_history``: True) if the parameters are the same — so a step is
+        safely submitted again after the service died — and is refused if they differ."""
         unknown = set(options) - SOLVE_OPTIONS
         if unknown:
             raise InputError(f"unknown submit options {sorted(unknown)}; use {sorted(SOLVE_OPTIONS)}")
@@ -344,20 +352,31 @@ class ServiceHandle:
         while True:
             try:
                 return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout_s)
-            except ray.exceptions.ActorUnavailableError:
+            except ray.exceptions.RayActorError as exc:
+                # a call that met the old process of a restarting service (ActorDiedError) or
+                # one sent while it restarts (ActorUnavailableError): wait for the new one
+                if not self._registered():
+                    raise WorkerError(f"the service {self.name!r} is gone: it was stopped or used up its "
+                                      f"{SERVICE_RESTARTS} restarts ({exc.__class__.__name__}). Start it again with "
+                                      "`hessdist serve` (the same --out-dir keeps its history)") from None
                 if time.monotonic() > deadline:
                     raise WorkerError(f"the service {self.name!r} has been restarting for over {RESTART_WAIT_S} s; "
                                       "check `ray status` and the service's log") from None
                 time.sleep(0.5)
-            except ray.exceptions.ActorDiedError as exc:
-                raise WorkerError(f"the service {self.name!r} is gone: it was stopped or used up its "
-                                  f"{SERVICE_RESTARTS} restarts ({exc.__class__.__name__}). Start it again with "
-                                  "`hessdist serve` (the same --out-dir keeps its history)") from None
             except ray.exceptions.RayTaskError as exc:      # the service refused the call (QueueFull, ...)
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, HessdistError):
                     raise _local(cause) from None
                 raise
+
+    def _registered(self) -> bool:
+        """Whether Ray still holds the service's name: it does while the service restarts, and
+        drops it once the service is stopped or out of restarts."""
+        try:
+            ray.get_actor(self.name, namespace=NAMESPACE)
+            return True
+        except ValueError:
+            return False
 
     def stop(self) -> None:
         """Stop the workers and remove the service."""

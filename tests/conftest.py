@@ -19,6 +19,20 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> str:
+    """The digits-mlp example trained once per test process (as `--example digits-mlp` trains it),
+    saved as a state_dict: drivers and `--checkpoint` load it instead of each training again."""
+    import torch
+    from hessdist.examples import get_example
+    ex = get_example("digits-mlp")
+    model = ex.model()
+    ex.train(model, ex.data())
+    path = str(tmp_path_factory.mktemp("digits") / "digits_mlp.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head with token authentication, as the cluster/ configs start it: the head and every

@@ -50,6 +50,16 @@ def ray_head(env: dict):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def failure(proc: subprocess.CompletedProcess, limit: int = 4000) -> str:
+    """A failed process's stderr for an assertion message: its own lines first (the lines Ray
+    forwards from actors, such as a lost node's crash dumps, would bury the traceback), then
+    the last of the forwarded ones."""
+    own = [line for line in proc.stderr.splitlines() if "pid=" not in line]
+    forwarded = [line for line in proc.stderr.splitlines() if "pid=" in line]
+    return "\n".join(own)[-limit:] + "\n--- forwarded from actors (last lines) ---\n" + \
+        "\n".join(forwarded[-15:])[-limit // 2:]
+
+
 def driver(address: str, code: str, timeout: int = 600, runtime_env: dict | None = None) -> dict:
     """Run ``code`` in a separate Python process connected to the cluster; it prints one JSON.
     ``runtime_env``: the job's (inherited by a service it starts, and by that service's workers)."""
@@ -57,5 +67,5 @@ def driver(address: str, code: str, timeout: int = 600, runtime_env: dict | None
              f"ray.init(address={address!r}, namespace='hessdist', logging_level='ERROR', " \
              f"runtime_env={runtime_env!r})\n" + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])

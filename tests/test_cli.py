@@ -13,6 +13,7 @@ from hessdist.errors import InputError
 from hessdist.examples import get_example
 
 from .helpers import dense_hessian
+from .service_setup import failure
 
 KEYS = {"largest", "smallest", "residual_norms", "converged", "hvps", "seconds", "n_params", "n_samples",
         "workers", "error_bounds", "stop_reason"}
@@ -56,7 +57,7 @@ def test_cli_default_path_local_ray_cluster(tmp_path, digits_mlp_spectrum):
     proc = subprocess.run([sys.executable, "-m", "hessdist.cli", "eigs", "--example", "digits-mlp",
                            "--which", "LA,SA", "--k", "1", "--json", str(path)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     out = json.loads(path.read_text())
     assert out["workers"] == 2 and out["workers_replaced"] == 0
     # float32 products: λ_max to 1e-5; λ_min (≈ −4.6e-4, 800× smaller) within its reported bound

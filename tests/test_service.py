@@ -11,15 +11,18 @@ import time
 
 import pytest
 
-from .service_setup import HESSDIST, driver, ray_head
+from .service_setup import HESSDIST, driver, failure, ray_head
 
 pytestmark = pytest.mark.ray
 
 
-TRAINER = """
+def trainer(checkpoint: str) -> str:
+    """A trainer's driver: the trained digits MLP, its parameters nudged per step, a handle on "svc"."""
+    return f"""
 from hessdist.examples import get_example
-ex = get_example("digits-mlp")
-model = ex.model(); ex.train(model, ex.data())
+model = get_example("digits-mlp").model()
+model.load_state_dict(torch.load({checkpoint!r}, weights_only=True))
+""" + """
 def nudged(step):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["1.weight"] += 1e-3 * step * torch.ones_like(state["1.weight"])
@@ -28,17 +31,19 @@ h = hessdist.connect("svc")
 """
 
 
-def serve(address, out_dir, name="svc", workers=2):
-    proc = subprocess.run(HESSDIST + ["serve", "--name", name, "--example", "digits-mlp", "--workers", str(workers),
-                                      "--address", address, "--out-dir", str(out_dir), "--dtype", "float64"],
+def serve(address, out_dir, checkpoint, name="svc", workers=2):
+    proc = subprocess.run(HESSDIST + ["serve", "--name", name, "--example", "digits-mlp", "--checkpoint", checkpoint,
+                                      "--workers", str(workers), "--address", address, "--out-dir", str(out_dir),
+                                      "--dtype", "float64"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(proc)
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-def test_service_lifecycle(cluster, tmp_path):
+def test_service_lifecycle(cluster, tmp_path, digits_checkpoint):
     out_dir = tmp_path / "svc"
-    status = serve(cluster, out_dir)
+    TRAINER = trainer(digits_checkpoint)
+    status = serve(cluster, out_dir, digits_checkpoint)
     assert status["workers"] == 2 and status["solves"] == 0 and status["n_params"] == 2410
 
     # a second driver: three submits at different parameters, results in order, status meanwhile
@@ -85,7 +90,7 @@ print(json.dumps({{"replaced": r["workers_replaced"], "steps": [e["step"] for e 
     # restart: stop, serve again on the same out_dir; history reloaded, next solve warm-starts
     subprocess.run(HESSDIST + ["stop", "--name", "svc", "--address", cluster], check=True, timeout=120,
                    capture_output=True)
-    status = serve(cluster, out_dir)
+    status = serve(cluster, out_dir, digits_checkpoint)
     assert status["solves"] == 4
     got = driver(cluster, TRAINER + """
 from hessdist.hooks import SpectrumHook
@@ -100,15 +105,18 @@ print(json.dumps({"warm": r["warm_start"], "steps": [e["step"] for e in h.histor
     # scale between solves; status from the CLI; duplicate step refused with a message
     proc = subprocess.run(HESSDIST + ["scale", "--name", "svc", "--workers", "1", "--address", cluster],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, proc.stderr[-3000:]
+    assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, failure(proc)
     got = driver(cluster, TRAINER + """
+again = h.result(h.submit(nudged(4), step=4))      # the same parameters: the recorded answer
 try:
-    h.result(h.submit(nudged(4), step=4))
+    h.result(h.submit(nudged(6), step=4))
     print(json.dumps({"error": None}))
 except hessdist.InputError as exc:
-    print(json.dumps({"error": str(exc), "status": h.status()}))
+    print(json.dumps({"error": str(exc), "status": h.status(), "again": again, "recorded": h.history()[-1]}))
 """)
-    assert "already in the history" in got["error"] and got["status"]["last_error"]["step"] == 4
+    assert "already in the history, solved at other parameters" in got["error"]
+    assert got["status"]["last_error"]["step"] == 4 and got["status"]["solves"] == 5
+    assert got["again"] == {**got["recorded"], "from_history": True}
 
     # the service's own process killed mid-solve: the waiting trainer gets a clear error (no hang);
     # Ray restarts the service, which reloads its history and warm-starts the next solve
@@ -143,7 +151,7 @@ print(json.dumps({"error": error, "solves": status["solves"], "warm": r["warm_st
 
     # the history rendered for a person: a PNG and a summary (no cluster needed)
     proc = subprocess.run(HESSDIST + ["report", str(out_dir)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     assert "6 solves, steps 0 to 5" in proc.stdout and "warm vs cold (compare_cold, 1 solves)" in proc.stdout
     assert (out_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out_dir / "report.txt").read_text().startswith("6 solves")
@@ -154,7 +162,7 @@ def test_report_without_a_history_names_the_fix(tmp_path):
     assert proc.returncode == 1 and "no history.jsonl" in proc.stderr and "--out-dir" in proc.stderr
 
 
-def test_explicit_address_presents_the_token(tmp_path):
+def test_explicit_address_presents_the_token(tmp_path, digits_checkpoint):
     """A token made with `ray get-auth-token --generate` (written to ~/.ray/auth_token), then a plain
     `ray start --head`, which turns token authentication on when it finds one, then hessdist with
     an explicit --address: the token is found wherever Ray documents it; without one, a message
@@ -173,35 +181,36 @@ def test_explicit_address_presents_the_token(tmp_path):
                                   timeout=timeout, env={**clean, **env})
 
         # the default token file (the head's own HOME): serve and stop, as the issue's user did
-        proc = run(["serve", "--name", "tok", "--example", "digits-mlp", "--workers", "1",
+        proc = run(["serve", "--name", "tok", "--example", "digits-mlp", "--checkpoint", digits_checkpoint, "--workers", "1",
                     "--out-dir", str(tmp_path / "svc")], {"HOME": str(home)})
         assert proc.returncode == 0 and json.loads(proc.stdout[proc.stdout.index("{"):])["workers"] == 1, \
-            proc.stderr[-3000:]
+            failure(proc)
         # RAY_AUTH_TOKEN and RAY_AUTH_TOKEN_PATH, from a HOME with no token file
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         (tmp_path / "token").write_text(token)
         for env in ({"RAY_AUTH_TOKEN": token}, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}):
             proc = run(["status", "--name", "tok"], {"HOME": str(elsewhere), **env}, timeout=120)
-            assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, proc.stderr[-3000:]
+            assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, failure(proc)
         # no token, and a wrong one: fail fast, naming token authentication and how to supply it
         for env, says in (({}, "found no token"), ({"RAY_AUTH_TOKEN": secrets.token_hex(32)}, "was rejected")):
             t0 = time.monotonic()
             proc = run(["status", "--name", "tok"], {"HOME": str(elsewhere), **env}, timeout=120)
-            assert proc.returncode == 1 and "requires token authentication" in proc.stderr, proc.stderr[-3000:]
+            assert proc.returncode == 1 and "requires token authentication" in proc.stderr, failure(proc)
             assert says in proc.stderr and "RAY_AUTH_TOKEN_PATH" in proc.stderr
             assert time.monotonic() - t0 < 30         # interpreter start and imports included
         assert run(["stop", "--name", "tok"], {"HOME": str(home)}, timeout=120).returncode == 0
 
 
-def test_a_killed_cli_driver_leaves_no_workers_behind(cluster):
+def test_a_killed_cli_driver_leaves_no_workers_behind(cluster, digits_checkpoint):
     """`hessdist eigs --address` killed mid-solve: Ray's ownership removes its worker actors and
     their placement group; every CPU it reserved comes back."""
     got = driver(cluster, f"""
 import os, signal, subprocess, sys, time
 free = lambda: ray.available_resources().get("CPU", 0)
 baseline = free()
-cli = subprocess.Popen({HESSDIST!r} + ["eigs", "--example", "digits-mlp", "--workers", "2", "--address", {cluster!r},
+cli = subprocess.Popen({HESSDIST!r} + ["eigs", "--example", "digits-mlp", "--checkpoint", {digits_checkpoint!r},
+                                       "--workers", "2", "--address", {cluster!r},
                                        "--tol", "1e-14", "--max-hvps", "100000", "--quiet"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 deadline = time.monotonic() + 240
@@ -232,7 +241,7 @@ from hessdist.workers import OperatorSpec, connect
 
 ex = get_example("digits-mlp")
 model, data = ex.model(), ex.data()
-ex.train(model, data)
+model.load_state_dict(torch.load(sys.argv[2], weights_only=True))
 base = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 def nudged(step):
@@ -287,14 +296,14 @@ print(json.dumps(out))
 """
 
 
-def test_service_across_node_losses_between_and_during_solves(tmp_path):
+def test_service_across_node_losses_between_and_during_solves(tmp_path, digits_checkpoint):
     """The service on a simulated multi-node cluster (a head without CPUs, a 2-CPU and a 1-CPU
     node): a node removed between two solves, another during a solve (a fresh node added
     before it). Every answer arrives and its certified intervals contain the in-process float64
     eigenvalues; the group shrinks to what is left; history and warm starts are intact."""
-    proc = subprocess.run([sys.executable, "-c", SERVICE_ON_NODES, str(tmp_path / "svc")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SERVICE_ON_NODES, str(tmp_path / "svc"), digits_checkpoint], capture_output=True,
                           text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(proc)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["steps"] == [0, 1, 2]
     assert [r["warm_start"] for r in got["results"]] == [False, True, True]

@@ -167,15 +167,22 @@ first = [h.result(h.submit(nudged(model, s), step=s, tol=1e-3, seed=0)) for s in
 files = sorted(os.listdir({str(out / "vectors")!r}))
 status = h.status()
 h.stop()
+t0 = time.monotonic()
+try:                                  # the old handle: a clear error at once, not a restart wait
+    h.status()
+    gone = None
+except hessdist.WorkerError as exc:
+    gone = {{"message": str(exc), "seconds": time.monotonic() - t0}}
 h = service.start("keep", spec(), 1, {str(out)!r}, keep_vectors=2)
 after = h.result(h.submit(nudged(model, 9), step=9, tol=1e-3, seed=0))
 print(json.dumps({{"pruned": [r.get("vectors_pruned") for r in first + [after]], "files": files,
                   "status": {{k: status[k] for k in ("keep_vectors", "vector_files", "solves")}},
-                  "warm": after["warm_start"], "files_after": sorted(os.listdir({str(out / "vectors")!r})),
+                  "warm": after["warm_start"], "gone": gone, "files_after": sorted(os.listdir({str(out / "vectors")!r})),
                   "steps": [e["step"] for e in h.history()]}}))
 h.stop()
 """)
     assert got["files"] == ["step-2.pt", "step-3.pt"]
+    assert "is gone: it was stopped" in got["gone"]["message"] and got["gone"]["seconds"] < 10, got["gone"]
     assert got["status"] == {"keep_vectors": 2, "vector_files": 2, "solves": 4}
     assert got["pruned"] == [None, None, [5], [1], [3]]
     assert got["warm"] and got["files_after"] == ["step-2.pt", "step-9.pt"]

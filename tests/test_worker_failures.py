@@ -15,6 +15,7 @@ from hessdist.solvers.lanczos import lanczos
 from hessdist.workers import DistributedOperator, WorkerGroup
 
 from . import helpers
+from .service_setup import failure
 from .workers_setup import N, in_process, lopsided_data, spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
@@ -191,7 +192,7 @@ cluster.shutdown()
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["default"][:2] == [3, 1] and "cluster with 3 GPU(s)" in got["default"][2]
     assert got["asked"] == [2, 1, "2 worker(s) with 1 GPU each"]
@@ -254,7 +255,7 @@ ray.shutdown()
 cluster.shutdown()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(proc)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["nodes_before"] == 2 and got["workers"] == 2 and got["recoveries"] == 1 and got["converged"]
     assert len(got["replacements"]) == 1 and "shrunk from 3 to 2 workers" in got["replacements"][0]
