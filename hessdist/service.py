@@ -181,7 +181,8 @@ class EigenService:
             if done["step"] == step:
                 if done.get("parameters_sha256") == digest:     # e.g. resubmitted after the service died
                     return {**done, "from_history": True}
-                raise InputError(f"step {step} is already in the history, solved at other parameters; "
+                solved_at = "other parameters" if "parameters_sha256" in done else "parameters it did not record"
+                raise InputError(f"step {step} is already in the history, solved at {solved_at}; "
                                  "submit each step once (a step submitted again with the same parameters "
                                  "returns its recorded answer)")
         t0, replaced = time.time(), len(self.group.replacements)

@@ -1,8 +1,10 @@
 """What the service tests share: a Ray head of their own started with `ray start --head`, and
-driver processes connected to it as a trainer's would be."""
+driver processes connected to it as a trainer's would be, and the message a failed subprocess
+leaves in an assertion."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +14,9 @@ import textwrap
 import time
 
 HESSDIST = [sys.executable, "-m", "hessdist.cli"]
+#: the prefix Ray puts at the start of a line it forwards from an actor or task (coloured or
+#: not): "(EigenService pid=28113)", "(pid=12)", "(Worker pid=3, ip=10.0.0.2)"
+FORWARDED = re.compile(r"^\s*(?:\x1b\[[\d;]*m)?\((?:[\w.:]+ )?pid=\d+")
 
 
 def free_port() -> int:
@@ -54,8 +59,9 @@ def failure(proc: subprocess.CompletedProcess, limit: int = 4000) -> str:
     """A failed process's stderr for an assertion message: its own lines first (the lines Ray
     forwards from actors, such as a lost node's crash dumps, would bury the traceback), then
     the last of the forwarded ones."""
-    own = [line for line in proc.stderr.splitlines() if "pid=" not in line]
-    forwarded = [line for line in proc.stderr.splitlines() if "pid=" in line]
+    own, forwarded = [], []
+    for line in proc.stderr.splitlines():
+        (forwarded if FORWARDED.search(line) else own).append(line)
     return "\n".join(own)[-limit:] + "\n--- forwarded from actors (last lines) ---\n" + \
         "\n".join(forwarded[-15:])[-limit // 2:]
 
