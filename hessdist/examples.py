@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import pickle
 from dataclasses import dataclass
@@ -38,10 +39,26 @@ class Example:
     description: str
 
 
+@functools.lru_cache(maxsize=1)
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (pixels 0..16, labels) read from the file it ships, as
+    ``sklearn.datasets.load_digits`` reads it but without importing ``sklearn.datasets``
+    (a second of start-up in every worker and driver); that loader where the file is not.
+    Read-only arrays, read once per process."""
+    path = os.path.join(os.path.dirname(importlib.util.find_spec("sklearn").origin), "datasets", "data",
+                        "digits.csv.gz")
+    if not os.path.exists(path):
+        from sklearn.datasets import load_digits as sklearn_digits
+        return sklearn_digits(return_X_y=True)
+    table = np.loadtxt(path, delimiter=",")
+    X, y = table[:, :-1], table[:, -1].astype(int)
+    X.flags.writeable = y.flags.writeable = False           # cached: shared by every caller
+    return X, y
+
+
 def digits(rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as float32 inputs in [0, 1] (flattened 8×8) and int64 labels."""
-    from sklearn.datasets import load_digits
-    X, y = load_digits(return_X_y=True)
+    X, y = load_digits()
     data = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
     return strided_shard(data, rank, world_size)
 
@@ -64,8 +81,7 @@ def digits_shifted(rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, to
     """scikit-learn's digits expanded by the FIXED pixel shifts ``SHIFTS``: 23,361 real images
     (computed once, never redrawn), interleaved image by image so that any leading fraction
     holds every digit and every shift."""
-    from sklearn.datasets import load_digits
-    X, y = load_digits(return_X_y=True)
+    X, y = load_digits()
     images = (X / 16.0).reshape(-1, 8, 8)
     shifted = np.stack([shift_images(images, dy, dx) for dy, dx in SHIFTS], axis=1)    # (N, S, 8, 8)
     data = (torch.tensor(shifted.reshape(-1, 64), dtype=torch.float32),

@@ -4,6 +4,15 @@ import secrets
 
 import pytest
 import ray
+import torch
+
+# One compute thread per process. `make test` runs two pytest processes with Ray workers and
+# driver subprocesses on two cores; torch's default of a thread per core in every process
+# oversubscribes them, and the threads then wait on one another (measured: 100 small solves
+# 4 s with one thread, 61 s with the default beside another test process). Subprocesses and
+# Ray heads started from here inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from .service_setup import ray_head
 

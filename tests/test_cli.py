@@ -136,6 +136,18 @@ def test_cifar10_reader_standard_format(tmp_path):
     assert os.path.isdir(d)
 
 
+def test_digits_read_from_the_file_scikit_learn_ships_equal_its_loader():
+    """The digits examples read scikit-learn's bundled file directly (no sklearn.datasets import
+    in every worker): the same pixels and labels as sklearn's loader, read-only."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from hessdist.examples import load_digits
+    X, y = load_digits()
+    want_X, want_y = sklearn_digits(return_X_y=True)
+    np.testing.assert_array_equal(X, want_X)
+    np.testing.assert_array_equal(y, want_y)
+    assert X.shape == (1797, 64) and not X.flags.writeable
+
+
 def test_a_relative_data_root_means_the_drivers_folder_on_every_worker(tmp_path, monkeypatch):
     """--data-root data is resolved where the command runs (a worker runs in a directory of its
     own), and a worker that does not find the real data the driver found fails, naming the path,

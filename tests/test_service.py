@@ -261,7 +261,8 @@ cluster.wait_for_nodes()
 connect(cluster.address)
 spec = OperatorSpec(model="hessdist.models:digits_mlp", data="hessdist.examples:digits", batch_size=2048,
                     dtype="float64")
-h = service.start("nodes", spec, 3, sys.argv[1], group_options={"min_workers": 1, "start_timeout_s": 15})
+h = service.start("nodes", spec, 3, sys.argv[1], group_options={"min_workers": 1, "start_timeout_s": 15,
+                                                                     "grow_timeout_s": 0})
 
 def solve(step, during=None):
     for attempt in range(3):

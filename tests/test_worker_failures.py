@@ -146,8 +146,23 @@ def test_an_error_on_one_rank_reaches_every_rank_and_leaves_the_group_clean():
 
 
 def test_too_many_resources_fail_fast_with_a_message():
-    with pytest.raises(WorkerError, match="cannot provide 1 workers of .*GPU"):
+    """Resources the live nodes lack: at once with grow_timeout_s=0 (a fixed cluster), after the
+    start timeout by default; resources that exist but stay busy: after the start timeout."""
+    import time
+    from ray.util.placement_group import placement_group, remove_placement_group
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="cannot provide 1 workers of .*GPU.*: its live nodes hold 0"):
+        WorkerGroup(spec(), 1, gpus_per_worker=1, start_timeout_s=120, grow_timeout_s=0)
+    assert time.monotonic() - t0 < 20
+    with pytest.raises(WorkerError, match=r"cannot provide 1 workers of .*GPU.*hold 0 .waited \d+ s"):
         WorkerGroup(spec(), 1, gpus_per_worker=1, start_timeout_s=3)
+    every_cpu = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(every_cpu.ready(), timeout=60)
+    try:
+        with pytest.raises(WorkerError, match="cannot provide 1 workers .*not freed within 2 s"):
+            WorkerGroup(spec(), 1, start_timeout_s=2, grow_timeout_s=0)
+    finally:
+        remove_placement_group(every_cpu)
 
 
 def test_module_that_does_not_import_on_a_worker():
@@ -239,7 +254,7 @@ cluster.add_node(num_cpus=2)
 lose = cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 connect(cluster.address, runtime_env={{"py_modules": [{tests_dir!r}]}})
-group = WorkerGroup(spec(), 3, min_workers=1, start_timeout_s=30, collective_timeout_s=60)
+group = WorkerGroup(spec(), 3, min_workers=1, start_timeout_s=30, grow_timeout_s=0, collective_timeout_s=60)
 nodes = len({{p["node_id"] for p in group.placements}})
 removed = []
 def remove_node(info):

@@ -157,7 +157,8 @@ def make_operator(args: argparse.Namespace, job: Job, say: Callable[[str], None]
                       runtime_env=job.runtime_env())
     workers, gpus, chosen = worker_layout(args.workers, args.gpus_per_worker)
     say(f"{'started a local Ray cluster' if started else 'joined the Ray cluster'}; starting {chosen} ...")
-    group = WorkerGroup(operator_spec(args, job), workers, gpus_per_worker=gpus, min_workers=args.min_workers)
+    group = WorkerGroup(operator_spec(args, job), workers, gpus_per_worker=gpus, min_workers=args.min_workers,
+                        grow_timeout_s=args.grow_timeout)
     op = DistributedOperator(group)
     op.set_parameters(job.model.state_dict())
 
@@ -279,6 +280,10 @@ def add_problem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU in the cluster, else 2); 0 = in-process")
     p.add_argument("--min-workers", type=int,
                    help="after a node is lost, go on with as few as this many workers (default: all of them)")
+    p.add_argument("--grow-timeout", type=float, metavar="S",
+                   help="when the cluster's live nodes cannot hold the workers, wait S seconds for a node to join "
+                        "(an autoscaler, a lost node restarting) before shrinking or failing (default 120; 0 on a "
+                        "fixed cluster)")
     p.add_argument("--gpus-per-worker", type=float,
                    help="whole GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local one)")

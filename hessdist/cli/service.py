@@ -46,8 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers, gpus, chosen = worker_layout(args.workers, args.gpus_per_worker)
     _say(f"starting the service with {chosen}; history and eigenvectors go to {out_dir} ...")
     handle = service.start(args.name, spec, workers, out_dir, gpus_per_worker=gpus,
-                           group_options={"min_workers": args.min_workers}, max_queued=max_queued,
-                           when_full=args.when_full, keep_vectors=args.keep_vectors)
+                           group_options={"min_workers": args.min_workers, "grow_timeout_s": args.grow_timeout},
+                           max_queued=max_queued, when_full=args.when_full, keep_vectors=args.keep_vectors)
     status = handle.status()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     fs = status.get("out_dir_filesystem")

@@ -96,12 +96,17 @@ def _gcs_accepts(address: str) -> bool:
 
 
 class WorkerGroup:
-    """``workers`` actors, each with ``gpus_per_worker`` GPUs (0: CPU, gloo) and a data shard."""
+    """``workers`` actors, each with ``gpus_per_worker`` GPUs (0: CPU, gloo) and a data shard.
+
+    Starting waits up to ``start_timeout_s`` for the cluster to free the resources, but only
+    ``grow_timeout_s`` (default: the same) once its live nodes cannot hold the group at all:
+    then only a new node helps (an autoscaler, a lost node coming back). On a fixed cluster
+    ``grow_timeout_s=0`` shrinks (``min_workers``) or fails at once."""
 
     def __init__(self, spec: OperatorSpec, workers: int = 2, *, gpus_per_worker: float = 0,
                  cpus_per_worker: float = 1, min_workers: int | None = None, max_restarts: int = 3,
-                 restart_window_s: float = 600,
-                 start_timeout_s: float = 120, call_timeout_s: float = 1800, collective_timeout_s: float = 600,
+                 restart_window_s: float = 600, start_timeout_s: float = 120,
+                 grow_timeout_s: float | None = None, call_timeout_s: float = 1800, collective_timeout_s: float = 600,
                  runtime_env: dict | None = None):
         if workers < 1:
             raise WorkerError(f"a worker group needs at least one worker, got {workers}")
@@ -114,6 +119,7 @@ class WorkerGroup:
         self._worker_spec = spec.split_for(workers)     # a ray.data dataset: split once, kept for rebuilds
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
         self.max_restarts, self.restart_window_s, self.start_timeout_s = max_restarts, restart_window_s, start_timeout_s
+        self.grow_timeout_s = start_timeout_s if grow_timeout_s is None else grow_timeout_s
         self.call_timeout_s, self.collective_timeout_s = call_timeout_s, collective_timeout_s
         self.runtime_env = runtime_env
         self.replacements: list[str] = []        # one entry per rebuild, saying why
@@ -130,16 +136,7 @@ class WorkerGroup:
         """Reserve ``size`` bundles, start one actor in each, order them by node and GPU, join
         them into one process group and send them the parameters (if any were set)."""
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        self._pg = placement_group([bundle] * self.size, strategy="PACK")
-        try:
-            ray.get(self._pg.ready(), timeout=self.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self._pg)
-            self._pg = None
-            raise WorkerError(
-                f"the Ray cluster cannot provide {self.size} workers of {bundle} within "
-                f"{self.start_timeout_s:.0f} s (free now: {_free()}, in all: {_free(ray.cluster_resources())}). Use fewer "
-                "--workers, fewer --gpus-per-worker, or add nodes") from None
+        self._reserve(bundle)
         actors = [RemoteWorker.options(
             num_cpus=self.cpus, num_gpus=self.gpus, runtime_env=self.runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
@@ -174,6 +171,26 @@ class WorkerGroup:
         self.n, self.n_samples = joined[0]
         if self._state_ref is not None:
             self._call("set_parameters", self._state_ref)
+
+    def _reserve(self, bundle: dict) -> None:
+        """Reserve ``size`` bundles: wait while the cluster could free them (``start_timeout_s``),
+        and only ``grow_timeout_s`` from the moment its live nodes cannot hold them all."""
+        self._pg = placement_group([bundle] * self.size, strategy="PACK")
+        ready, t0, short_since = self._pg.ready(), time.monotonic(), None
+        while not ray.wait([ready], timeout=0.5)[0]:
+            now = time.monotonic()
+            if short_since is None and self._workers_that_fit() < self.size:
+                short_since = now
+            waited = now - t0
+            if waited >= self.start_timeout_s or (short_since is not None and now - short_since >= self.grow_timeout_s):
+                remove_placement_group(self._pg)
+                self._pg = None
+                why = (f"its live nodes hold {self._workers_that_fit()}" if short_since is not None
+                       else f"they were not freed within {self.start_timeout_s:.0f} s")
+                raise WorkerError(
+                    f"the Ray cluster cannot provide {self.size} workers of {bundle}: {why} (waited {waited:.0f} s; "
+                    f"free now: {_free()}, in all: {_free(ray.cluster_resources())}). Use fewer --workers, fewer "
+                    "--gpus-per-worker, or add nodes")
 
     def _teardown(self, actors: Sequence[Any] | None = None) -> None:
         for a in actors if actors is not None else self.actors:
