@@ -379,9 +379,17 @@ class ServiceHandle:
         except ValueError:
             return False
 
-    def stop(self) -> None:
-        """Stop the workers and remove the service."""
+    def stop(self, timeout_s: float = 60) -> None:
+        """Stop the workers and remove the service; returns once Ray has dropped its name (a kill
+        takes effect later: until then the old process could still answer, and the name could
+        not be served again)."""
         try:
-            ray.get(self.actor.shutdown.remote(), timeout=60)
+            ray.get(self.actor.shutdown.remote(), timeout=timeout_s)
         finally:
             ray.kill(self.actor)
+            deadline = time.monotonic() + timeout_s
+            while self._registered():
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"the service {self.name!r} was killed but Ray still holds its name after "
+                                      f"{timeout_s:.0f} s; check `ray status`")
+                time.sleep(0.05)

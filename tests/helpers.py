@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import time
 
 import numpy as np
@@ -40,19 +41,21 @@ def cnn_bn(seed: int = 0) -> nn.Module:
 
 
 class Slow(nn.Module):
-    """``inner`` with a pause in every forward pass: products slow enough to be interrupted."""
+    """``inner`` with a pause in every forward pass while the file ``while_exists`` does (every
+    pass when None): products slow enough to be interrupted, and only those a test slows."""
 
-    def __init__(self, inner: nn.Module, seconds: float):
+    def __init__(self, inner: nn.Module, seconds: float, while_exists: str | None = None):
         super().__init__()
-        self.inner, self.seconds = inner, seconds
+        self.inner, self.seconds, self.while_exists = inner, seconds, while_exists
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        if self.while_exists is None or os.path.exists(self.while_exists):
+            time.sleep(self.seconds)
         return self.inner(x)
 
 
-def slow_cnn_bn(seconds: float = 0.2) -> nn.Module:
-    return Slow(cnn_bn(), seconds)
+def slow_cnn_bn(seconds: float = 0.2, while_exists: str | None = None) -> nn.Module:
+    return Slow(cnn_bn(), seconds, while_exists)
 
 
 def resnet_small(seed: int = 0) -> nn.Module:

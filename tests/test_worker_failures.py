@@ -46,23 +46,31 @@ def test_killed_worker_mid_solve_same_eigenvalues_lost_work_reported(workers):
         group.shutdown()
 
 
-def test_a_death_inside_a_collective_recovers_in_seconds():
+def test_a_death_inside_a_collective_recovers_in_seconds(tmp_path):
     """Kill a worker while a product's collective is in flight (rank 0 still computes its four
-    slow batches; the killed rank, done with its one, waits in the sum): the driver sees the
+    slowed batches; the killed rank, done with its one, waits in the sum): the driver sees the
     death at once, the rebuild kills the survivor blocked in the collective, and the solve
     continues from its checkpoint — long before the 300 s collective timeout, with the
-    eigenvalues of an uninterrupted in-process solve."""
+    eigenvalues of an uninterrupted in-process solve. Only the interrupted product is slowed
+    (its forward passes pause while a marker file exists)."""
     import threading
     import time
-    group = WorkerGroup(spec(model=helpers.slow_cnn_bn, data=lopsided_data), 3, collective_timeout_s=300)
+    marker = str(tmp_path / "slow")
+    group = WorkerGroup(spec(model=functools.partial(helpers.slow_cnn_bn, while_exists=marker), data=lopsided_data),
+                        3, collective_timeout_s=300)
     try:
         op = DistributedOperator(group)
         killed = []
 
+        def kill(actor):
+            ray.kill(actor)
+            os.remove(marker)
+
         def kill_during_next_product(info):
             if info["hvps"] == 5 and not killed:
                 killed.append(group.actors[1])
-                threading.Timer(0.4, ray.kill, args=(group.actors[1],)).start()
+                open(marker, "w").close()
+                threading.Timer(0.4, kill, args=(group.actors[1],)).start()
 
         t0 = time.monotonic()
         res = lanczos(op, which="LA,SA", k=1, tol=1e-8, seed=3, checkpoint_every=2, callback=kill_during_next_product)
