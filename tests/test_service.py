@@ -72,18 +72,18 @@ print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"
     assert sorted(os.listdir(out_dir / "vectors")) == ["step-0.pt", "step-1.pt", "step-2.pt"]
 
     # a worker killed during a solve: it completes, the history has no gap or duplicate
-    pid = driver(cluster, TRAINER + "print(json.dumps(h.status()))")["worker_pids"][-1]
-    got = driver(cluster, TRAINER + f"""
+    got = driver(cluster, TRAINER + """
 import os, signal, time
+pid = h.status()["worker_pids"][-1]
 fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=400)   # float32 never reaches 1e-12: 400 products
 for _ in range(400):                                          # kill mid-solve, however fast products are
     if h.status()["running"] is not None:
         break
     time.sleep(0.05)
 time.sleep(0.5)
-os.kill({pid}, signal.SIGKILL)
+os.kill(pid, signal.SIGKILL)
 r = h.result(fut)
-print(json.dumps({{"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}}))
+print(json.dumps({"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}))
 """)
     assert got["replaced"] >= 1 and got["steps"] == [0, 1, 2, 3]
 
