@@ -47,11 +47,12 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     Read-only arrays, read once per process."""
     path = os.path.join(os.path.dirname(importlib.util.find_spec("sklearn").origin), "datasets", "data",
                         "digits.csv.gz")
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        table = np.loadtxt(path, delimiter=",")
+        X, y = table[:, :-1], table[:, -1].astype(int)
+    else:
         from sklearn.datasets import load_digits as sklearn_digits
-        return sklearn_digits(return_X_y=True)
-    table = np.loadtxt(path, delimiter=",")
-    X, y = table[:, :-1], table[:, -1].astype(int)
+        X, y = sklearn_digits(return_X_y=True)
     X.flags.writeable = y.flags.writeable = False           # cached: shared by every caller
     return X, y
 
