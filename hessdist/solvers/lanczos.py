@@ -14,7 +14,7 @@ back within ``max_hvps``/``max_fpe``/``budget_s``; when those leave no room, the
 residuals are reported and ``confirm_hvps`` is 0).
 
 What is certain and what is probable: see :mod:`hessdist.solvers.ritz`. From a start block that
-held a random vector, the Kuczyński–Woźniakowski bound adds a ``limit``: with probability ≥
+held a random vector, :mod:`hessdist.solvers.limits` adds a ``limit``: with probability ≥
 ``confidence`` no eigenvalue lies beyond it, whatever the run missed.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from ..basis import BasisLost, KrylovBasis
 from ..errors import InputError, WorkerError
 from ..operator import Operator
 from .results import EigenPairs, EigenResult
-from .ritz import Accuracy, Rtol, end_pairs, kw_epsilon, parse_which, rayleigh_ritz, select
+from .limits import StartKrylov
+from .ritz import Accuracy, Rtol, end_pairs, parse_which, rayleigh_ritz, select
 
 Progress = Callable[[dict], None]
 def draw_seed(seed: int | None) -> int:
@@ -55,23 +56,20 @@ class RitzState:
         self.scale = float(np.abs(self.theta).max()) if e else 0.0
 
 
-def start_block(v0: np.ndarray | None, n: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, int | None]:
-    """The start columns and the index of the random one (None if there is none). No v0: ``block``
-    random columns. A single v0: used as is. A block v0 (n, b): one random column appended,
-    so directions the previous vectors miss are still searched and ``limit`` applies."""
+def start_block(v0: np.ndarray | None, n: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """The start columns and whether the first is random. No v0: ``block`` random columns. A
+    single v0: used as is. A block v0 (n, b): a random column put first, so directions the
+    previous vectors miss are still searched and ``limit`` applies."""
     if v0 is None:
-        return rng.standard_normal((n, block)), 0
+        return rng.standard_normal((n, block)), True
     V = np.asarray(v0, dtype=np.float64)
-    if V.ndim == 1:
-        V = V[:, None]
-        random_col = None
-    else:
-        V, random_col = np.column_stack([V, rng.standard_normal(n)]), V.shape[1]
-    if V.ndim != 2 or V.shape[0] != n:
+    if V.ndim not in (1, 2) or V.shape[0] != n:
         raise InputError(f"v0 must be a vector of length n = {n} or a block (n, b), got shape {np.shape(v0)}")
     if not np.isfinite(V).all():
         raise InputError("v0 must be finite (it holds NaN or inf)")
-    return V, random_col
+    if V.ndim == 1:
+        return V[:, None], False
+    return np.column_stack([rng.standard_normal(n), V]), True
 
 
 def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | None = None) -> np.ndarray | None:
@@ -132,31 +130,31 @@ class Limits:
 
 
 class _Run:
-    """One Krylov run on one basis: the projected coefficients C, the Ritz state, and what the
-    probabilistic limit needs. A lost basis ends it (``BasisLost``); the caller starts another
-    from the last checkpointed Ritz vectors."""
+    """One Krylov run on one basis: the projected coefficients C, the Ritz state, and the
+    random start column's own Krylov space (for the probabilistic limit). A lost basis ends it
+    (``BasisLost``); the caller starts another from the last checkpointed Ritz vectors."""
 
-    def __init__(self, basis: KrylovBasis, starts: np.ndarray, random_col: int | None, rng: np.random.Generator,
+    def __init__(self, basis: KrylovBasis, starts: np.ndarray, random_first: bool, rng: np.random.Generator,
                  max_basis: int, width: int, size: int):
         self.basis, self.rng, self.max_basis, self.width = basis, rng, max_basis, width
         added = [basis.add_start(c) for c in starts.T]
         if not any(added):
             raise InputError("v0 must be a non-zero vector (or block)")
-        self.random_col = None if random_col is None or not added[random_col] else sum(
-            1 for a in added[:random_col] if a)
-        self.start_width = basis.size
         self.C = np.zeros((size, size))
         self.e, self.restarts, self.dropped = 0, 0, 0.0
-        self.degree = None if self.random_col is None else 0     # Krylov dimension reached by the random column
-        self.hi, self.lo = -math.inf, math.inf                      # most extreme Ritz values seen
+        self.start = StartKrylov(size) if random_first else None   # the random column is the basis' first
         self.ritz: RitzState | None = None
+
+    @property
+    def degree(self) -> int | None:
+        """The dimension of the random column's Krylov space the limit comes from (None without one)."""
+        return None if self.start is None else len(self.start.beta)
 
     def step(self, limits: "Limits", hvps: int, fpe: float, ends: tuple[str, ...], k: int,
              accuracy: Accuracy) -> tuple[int, str | None]:
         """Expand one block; returns (products, stop reason or None)."""
         basis, n = self.basis, self.basis.n
         if self.e == basis.size:       # breakdown: invariant subspace found; continue in a fresh direction
-            self.degree = n if self.degree is not None and self.restarts == 0 else self.degree  # holds K(A, v)
             if basis.size >= n or basis.add_start(self.rng.standard_normal(n)) == 0.0:
                 return 0, "exhausted"
         count, stop = limits.allow(min(self.width, basis.size - self.e), hvps, fpe)
@@ -174,12 +172,27 @@ class _Run:
         for i, col in enumerate(cols):
             self.C[: len(col), self.e + i] = col
         self.e += count
-        if self.degree is not None and self.restarts == 0 and self.degree < n:
-            rc = self.random_col
-            self.degree = -(-(self.e - rc) // self.start_width) if self.e > rc else 0
+        if self.start is not None and self.restarts == 0:    # a restart discards what the limit needs
+            self.start.extend(self.C, self.e, basis.size)
         self.ritz = RitzState(self.C, self.e, basis.size, self.dropped)
-        self.hi, self.lo = max(self.hi, float(self.ritz.theta[-1])), min(self.lo, float(self.ritz.theta[0]))
         return count, None
+
+    def far_sides_met(self, picked: dict[str, np.ndarray], accuracy: Accuracy, delta: float) -> bool:
+        """Whether each extreme value's far side — the probabilistic limit — meets the accuracy
+        too, while the limit can still tighten (the random start's Krylov space intact): a
+        residual alone says an eigenvalue is near θ, not that none lies beyond it. Asked of cold
+        starts only; a warm start's random column is a safeguard, and waiting for its limit
+        would cost what a cold start costs."""
+        if self.start is None or self.restarts or self.start.frozen:
+            return True
+        ritz = self.ritz
+        for w, idx in picked.items():
+            if w == "LM":
+                continue
+            lim, i = self.start.limit(w, self.basis.n, delta), idx[:1]
+            if lim is None or (accuracy.met(w, ritz.theta[i], np.abs(lim - ritz.theta[i]), ritz.scale) == "").any():
+                return False
+        return True
 
 
 def default_max_basis(op: Operator, dtype: torch.dtype = torch.float64) -> int:
@@ -209,7 +222,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     in the same memory; its rounding, ~1e-7, is invisible to the projection, so the returned
     pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
     the target says so: ``stop_reason="precision"``).
-    Stops when every requested pair is done, at ``max_hvps`` products or ``max_fpe`` full-data
+    Stops when every requested pair is done — from a cold start (no ``v0``), the extreme pair at
+    each end only when its probabilistic far side (``limit``) meets the accuracy too — at ``max_hvps`` products or ``max_fpe`` full-data
     product equivalents (never exceeded), or before a block would overrun ``budget_s`` seconds;
     the result says which, and flags every pair that is not done. ``seed`` (default: drawn
     fresh and reported) fixes the random start. When the basis lives on workers that can be
@@ -233,7 +247,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
         raise InputError(f"max_fpe must be positive, got {max_fpe}")
     seed = draw_seed(seed)
     rng = np.random.default_rng(seed)
-    starts, random_col = start_block(v0, n, block or 1, rng)
+    starts, random_first = start_block(v0, n, block or 1, rng)
     width = block or starts.shape[1]
     min_basis = (k + 1) * len(ends) + starts.shape[1] + width
     if max_basis is None:
@@ -242,6 +256,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
         raise InputError(f"max_basis must be at least {min_basis} for k = {k}, {len(ends)} end(s) and "
                          f"block {width}, got {max_basis}")
     hvps0, fpe0 = op.hvps, op.fpe
+    delta = (1 - confidence) / 2            # per end, for the probabilistic limits
     exact = op.exact and basis_dtype == torch.float64     # else the projection cannot see the rounding
     limits = Limits(max_hvps, max_fpe, budget_s, op.data_fraction, warm=hvps0 > 0, t0=t0,
                     reserve=0 if exact else k * len(ends))
@@ -249,7 +264,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     hvps, reason, recoveries, redone, peak = 0, "max_hvps", 0, 0, 0
     checkpoint, checkpoint_hvps, blocks = None, 0, 0
     while True:
-        run = _Run(op.krylov_basis(capacity=max_basis, dtype=basis_dtype), starts, random_col, rng, max_basis,
+        run = _Run(op.krylov_basis(capacity=max_basis, dtype=basis_dtype), starts, random_first, rng, max_basis,
                    width, size)
         try:
             while True:
@@ -264,7 +279,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
                               **{w: (ritz.theta[idx], ritz.residuals[idx]) for w, idx in picked.items()}})
                 if run.e >= min(n, k * len(ends)) and all(
                         idx.size == k and bool((accuracy.met(w, ritz.theta[idx], ritz.residuals[idx], ritz.scale)
-                                                != "").all()) for w, idx in picked.items()):
+                                                != "").all()) for w, idx in picked.items()) \
+                        and (v0 is not None or run.far_sides_met(picked, accuracy, delta)):
                     reason = "converged"
                     break
                 if run.basis.volatile and blocks % checkpoint_every == 0:
@@ -281,15 +297,12 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
             # continue from the checkpointed Ritz vectors (or afresh when there is none yet)
             starts = warm_start_vector({"checkpoint": checkpoint}, n, int(rng.integers(2**62)))[:, None] \
                 if checkpoint is not None else rng.standard_normal((n, width))
-            random_col = None if checkpoint is not None else 0
+            random_first = checkpoint is None
 
     ritz, basis = run.ritz, run.basis
     if ritz is None:
         raise InputError(f"no product fits the limits (budget_s={budget_s}, max_hvps={max_hvps}, max_fpe={max_fpe})")
-    delta = (1 - confidence) / 2
-    eps = kw_epsilon(n, run.degree, delta) if run.degree is not None else math.inf
-    reach = eps * (run.hi - run.lo) / (1 - 2 * eps) if eps < 0.5 else math.inf
-    limit = {w: ({"LA": run.hi + reach, "SA": run.lo - reach}.get(w) if math.isfinite(reach) else None) for w in ends}
+    limit = {w: run.start.limit(w, n, delta) if run.start is not None and w != "LM" else None for w in ends}
     picked = {w: select(ritz.theta, w, k) for w in ends}
     confirm = limits.reserve > 0
     pairs = {w: end_pairs(w, ritz.theta, ritz.residuals, idx, accuracy, ritz.scale, limit[w],

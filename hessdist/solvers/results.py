@@ -26,9 +26,10 @@ class EigenPairs:
     the gap to the other Ritz values standing in for the gap to the rest of the spectrum (an
     estimate). ``intervals[i]`` = [lower, upper] for λᵢ: the Rayleigh–Ritz side is certain; the
     far side is θᵢ ± rᵢ for a done pair — λᵢ itself unless an eigenvalue beyond was missed (an
-    outlier the start vector hid, a second copy of a repeated one) — and ``limit`` (±inf
-    without one) for a pair not done. ``limit`` (LA/SA, runs whose start held a random vector):
-    with the run's ``confidence``, no eigenvalue lies beyond it (Kuczyński–Woźniakowski)."""
+    outlier the start vector hid, a second copy of a repeated one), out to ``limit`` for the
+    extreme pair where there is one — and ``limit`` (±inf without one) for a pair not done.
+    ``limit`` (LA/SA, runs whose start held a random vector): with the run's ``confidence``, no
+    eigenvalue lies beyond it (:mod:`hessdist.solvers.limits`)."""
 
     which: str
     values: np.ndarray

@@ -3,8 +3,8 @@
 A Ritz pair (θ, x) of a symmetric A with unit x and residual r = ‖Ax − θx‖ certifies two
 things: some eigenvalue of A lies in [θ − r, θ + r], and (Cauchy interlacing) the i-th largest
 Ritz value of a projection is at most λᵢ. Whether θ's neighbouring eigenvalue *is* λᵢ — that no
-eigenvalue beyond it was missed — no residual can say; from a random start the
-Kuczyński–Woźniakowski bound says it with a probability (``kw_epsilon``).
+eigenvalue beyond it was missed — no residual can say; from a random start
+:mod:`hessdist.solvers.limits` says it with a probability.
 """
 from __future__ import annotations
 
@@ -82,15 +82,6 @@ class Accuracy:
         return {"tol": self.tol, "rtol": dict(self.rtol) or None}
 
 
-def kw_epsilon(n: int, degree: int, delta: float) -> float:
-    """Kuczyński–Woźniakowski: after Lanczos on a Krylov space of dimension ``degree`` from a
-    uniformly random start, λ_max − θ_max ≤ ε (λ_max − λ_min) with probability ≥ 1 − δ, for
-    this ε (from P ≤ 1.648 √n exp(−√ε (2·degree − 1)))."""
-    if degree < 1:
-        return math.inf
-    return (math.log(1.648 * math.sqrt(n) / delta) / (2 * degree - 1)) ** 2
-
-
 def gap_bounds(theta: np.ndarray, idx: np.ndarray, residuals: np.ndarray) -> np.ndarray:
     """min(r, r²/gap), the gap taken to the nearest other Ritz value (an estimate: the true gap
     to the rest of the spectrum may be smaller)."""
@@ -125,9 +116,14 @@ def end_pairs(which: str, theta: np.ndarray, residuals: np.ndarray, idx: np.ndar
     """The pairs ``idx`` of end ``which`` with flags and intervals. A done pair's interval runs
     from θ (the Rayleigh–Ritz side: certain) to θ ± r, widened to the far edge of any chain of
     overlapping residual intervals towards the end (LA; SA mirrored; LM θ ± r): that side holds
-    unless an eigenvalue beyond was missed. A pair not done may sit next to an eigenvalue that
-    is not λᵢ, so its far side is ``limit`` (infinite without one)."""
+    unless an eigenvalue beyond was missed — so the extreme pair's far side is also taken out
+    to ``limit`` where there is one. A pair not done may sit next to an eigenvalue that is not
+    λᵢ, so its far side is ``limit`` (infinite without one). ``limit`` is floored at the
+    extreme pair's own θ ± r: the bound is exact arithmetic's, and rounded products (float32)
+    make the projection look sharper than the products are."""
     th, r = theta[idx], residuals[idx]
+    if limit is not None and which in ("LA", "SA") and len(th):
+        limit = max(limit, th[0] + r[0]) if which == "LA" else min(limit, th[0] - r[0])
     met = accuracy.met(which, th, r, scale)
     done = met != ""
     if which in ("LA", "SA"):
@@ -136,10 +132,11 @@ def end_pairs(which: str, theta: np.ndarray, residuals: np.ndarray, idx: np.ndar
     else:
         lower, upper = th - r, th + r
     far = {"LA": math.inf, "SA": -math.inf}.get(which) if limit is None else limit
+    probable = ~done | ((np.arange(len(th)) == 0) & (limit is not None))   # the limit bounds the extreme one
     if which == "LA":
-        upper = np.where(done, upper, np.maximum(upper, far))
+        upper = np.where(probable, np.maximum(upper, far), upper)
     elif which == "SA":
-        lower = np.where(done, lower, np.minimum(lower, far))
+        lower = np.where(probable, np.minimum(lower, far), lower)
     with np.errstate(divide="ignore"):
         widths = np.where(th != 0, r / np.abs(th), np.inf)
     return EigenPairs(which=which, values=th, residual_norms=r, error_bounds=gap_bounds(theta, idx, r),
