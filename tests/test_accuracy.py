@@ -51,11 +51,11 @@ def test_rtol_pairs_meet_rtol_against_the_exact_eigenvalues(case, rtol, k):
                 assert lo - 1e-12 <= t <= hi + 1e-12
 
 
-def test_a_missed_eigenvalue_is_possible_and_the_limit_still_covers_it():
-    """The residual certifies only that SOME eigenvalue lies within r of θ. With a loose rtol a
-    run can stop before the extreme eigenvector has surfaced (a small component in the start);
-    then the interval misses λ while θ ≥ λ_min stays certain, and the probabilistic limit holds
-    at its confidence — what the README states."""
+def test_a_loose_rtol_does_not_stop_a_cold_run_before_lambda_min_surfaces():
+    """The residual certifies only that SOME eigenvalue lies within r of θ: with rtol 0.1 a
+    residual-only rule stopped 15 of 100 runs on this CNN's second-smallest eigenvalue (a small
+    component in the start). A cold run also waits for its probabilistic far side, so the
+    interval can miss λ_min only where the limit does — at the limit's confidence."""
     _, H, _ = reference("cnn_bn")
     lam, _ = eigh(H)
     misses = uncovered = 0
@@ -65,10 +65,10 @@ def test_a_missed_eigenvalue_is_possible_and_the_limit_still_covers_it():
         p = res.smallest
         assert p.values[0] >= lam[0] - 1e-12                        # certain: θ ≥ λ_min
         assert np.abs(lam - p.values[0]).min() <= p.residual_norms[0] * (1 + 1e-9)   # certain
+        assert p.limit - p.values[0] >= -0.1 * abs(p.values[0])    # the far side met rtol too
         misses += not p.intervals[0, 0] - 1e-12 <= lam[0]
-        uncovered += p.limit is not None and lam[0] < p.limit
-    assert uncovered <= 0.1 * 60
-    print(f"{misses} of 60 runs stopped before λ_min surfaced")
+        uncovered += lam[0] < p.limit
+    assert misses <= uncovered <= 0.1 * 60
 
 
 def test_rtol_asks_more_of_the_small_end_than_tol():
