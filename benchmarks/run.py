@@ -415,8 +415,10 @@ def summary() -> str:
                         f"{r['overhead_with_driver_s']:.3f} s ({100 * r['overhead_fraction']:.0f}% of a {r['product_s']:.2f} s "
                         f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB of host memory per worker |")
     for r in _rows("subset"):
-        rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {_fpe_cell(r['subset_cold'][str(r['default_fraction'])])} "
-                    f"(5% subset, then certified) | plain {_fpe_cell(r['plain_cold'])} |")
+        f = r["default_fraction"]
+        ours = (f"{_fpe_cell(r['subset_cold'][str(f)])} ({100 * f:g}% subset, then certified)" if f is not None
+                else f"{_fpe_cell(r['plain_cold'])} (too few samples for a subset: plain)")
+        rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {ours} | plain {_fpe_cell(r['plain_cold'])} |")
     ep = _load("epochs")
     if ep:
         sm = ep["summary"]

@@ -127,9 +127,11 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     search on a subset first when the data are large enough for one to pay (``subset="auto"``:
     :func:`subset_fraction`). A number forces that fraction, also with ``previous``; not by
     default, because a subset's eigenvectors blur good previous ones: on the shifted digits
-    (benchmarks/subset.py) a 5% search saves 1–6 FPE of 18–53 where the spectrum moves, and
-    started from the checkpoint's own eigenvectors (a settled run) costs 11.7 (CNN) and 28.6
-    (MLP) FPE against 4 without it. None or 1 never. ``options`` go to :func:`lanczos`."""
+    (benchmarks/subset.py) a 5% search changes the cost by −6 to +6 FPE of 15–53 where the
+    spectrum moves, and started from the checkpoint's own eigenvectors (a settled run) costs
+    23.6 (CNN) and 26.6 (MLP) FPE against 4 without it. Cold, the search pays more than it
+    did: the subset run pays the cold start's probabilistic far side at the subset's price
+    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP). None or 1 never. ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:
         return subset_search(op, which=which, k=k, fraction=float(fraction), previous=previous, seed=seed, **options)
