@@ -131,7 +131,8 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     spectrum moves, and started from the checkpoint's own eigenvectors (a settled run) costs
     23.6 (CNN) and 26.6 (MLP) FPE against 4 without it. Cold, the search pays more than it
     did: the subset run pays the cold start's probabilistic far side at the subset's price
-    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP). None or 1 never. ``options`` go to :func:`lanczos`."""
+    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP). None or 1 never.
+    ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:
         return subset_search(op, which=which, k=k, fraction=float(fraction), previous=previous, seed=seed, **options)

@@ -213,7 +213,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     Accuracy: ``rtol`` — a number, or {end: number} — asks for residual ≤ rtol·|θ| per value;
     ``tol`` (default 1e-6) asks for residual ≤ tol·max|θ|, and with ``rtol`` is the floor for
     values at or near 0. ``v0``: a start vector, or a block (n, b) of previous eigenvectors
-    (warm start; a random column is appended). ``block``: columns per product call (default:
+    (warm start; a random column is added first). ``block``: columns per product call (default:
     the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
     later search stays orthogonal to found outliers); the default fills half a GPU's free memory
@@ -223,8 +223,9 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
     the target says so: ``stop_reason="precision"``).
     Stops when every requested pair is done — from a cold start (no ``v0``), the extreme pair at
-    each end only when its probabilistic far side (``limit``) meets the accuracy too — at ``max_hvps`` products or ``max_fpe`` full-data
-    product equivalents (never exceeded), or before a block would overrun ``budget_s`` seconds;
+    each end only when its probabilistic far side (``limit``) meets the accuracy too — at
+    ``max_hvps`` products or ``max_fpe`` full-data product equivalents (never exceeded), or
+    before a block would overrun ``budget_s`` seconds;
     the result says which, and flags every pair that is not done. ``seed`` (default: drawn
     fresh and reported) fixes the random start. When the basis lives on workers that can be
     lost, the wanted Ritz vectors are checkpointed every ``checkpoint_every`` blocks and a lost

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import eigvalsh_tridiagonal
 from scipy.special import betaincinv
 
 
@@ -51,10 +52,11 @@ class StartKrylov:
                 return
             w = C[:, :e] @ s[:e]
             self.alpha.append(float(s @ w))
+            S = np.column_stack(self.S)
             for _ in range(2):
-                w -= np.column_stack(self.S) @ (np.column_stack(self.S).T @ w)
+                w -= S @ (S.T @ w)
             beta = float(np.linalg.norm(w[:m]))
-            if beta <= 1e-12 * max(abs(a) for a in self.alpha) or beta == 0.0:
+            if beta <= 1e-12 * max(map(abs, self.alpha)):
                 self.frozen = True           # v's Krylov space is invariant: nothing more to learn
                 return
             self.beta.append(beta)
@@ -81,8 +83,7 @@ class StartKrylov:
         probability ≥ 1 − δ; None before the first step or when it lies past 10⁶ × the spread."""
         if not self.beta:
             return None
-        T = np.diag(self.alpha[:len(self.beta)]) + np.diag(self.beta[:-1], 1) + np.diag(self.beta[:-1], -1)
-        ritz = np.linalg.eigvalsh(T)
+        ritz = eigvalsh_tridiagonal(np.array(self.alpha[:len(self.beta)]), np.array(self.beta[:-1]))
         sign, edge = (1.0, ritz[-1]) if end == "LA" else (-1.0, ritz[0])
         target = -2 * math.log(start_quantile(n, delta))
         spread = max(float(ritz[-1] - ritz[0]), abs(float(edge)), 1e-300)
