@@ -13,6 +13,7 @@ import torch
 from hessdist.examples import digits, get_example, train_full_batch
 from hessdist.curvature import CurvatureOperator
 from hessdist.models import digits_cnn
+from hessdist.precision import in_force
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -21,6 +22,8 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu_count": os.cpu_count(), "gpu": gpu or "none (GPU figures: not measured)",
             "torch": torch.__version__, "python": platform.python_version(),
+            # hessdist's data passes set IEEE float32 (TF32 only where a row says tf32); outside them:
+            "fp32_precision_outside_passes": in_force(), "fp32_precision_in_passes": "ieee unless tf32",
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

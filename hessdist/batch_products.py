@@ -12,7 +12,9 @@ in each of three ways (``mode``):
   tests/test_curvature.py). On ReLU networks the float32 step crosses activation kinks and
   the error is O(1) (benchmarks/gpu_suite.py measures it): use float64 for finite differences.
 
-The GGN (JᵀH_ℓJ, the loss's Hessian in the outputs) has the two exact modes. Also here: what a
+The other curvatures have the two exact modes: the GGN G = JᵀH_ℓJ (J the outputs' Jacobian,
+H_ℓ the loss's Hessian in the outputs), the empirical Fisher (1/N)Σᵢ ∇ℓᵢ∇ℓᵢᵀ (one JVP and one
+VJP of the per-sample losses per batch) and the residual S = H − G. Also here: what a
 mode's failure means, told as the fix (:func:`explained`).
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from .errors import InputError
 from .objective import BoundModel, Objective
 from .params import ParameterLayout
 
-CURVATURES = ("hessian", "ggn")
+CURVATURES = ("hessian", "ggn", "empirical-fisher", "residual")
+#: the curvatures built from the model's outputs and a loss of them (the pairs contract), exact modes only
+OUTPUT_CURVATURES = CURVATURES[1:]
 MODES = ("auto", "forward", "double-backward", "finite-difference")
 BatchProduct = Callable[[Sequence[torch.Tensor], object, torch.Tensor], torch.Tensor]
 
@@ -78,7 +82,11 @@ class BatchProducts:
                 ("hessian", "double-backward"): self.hessian_double_backward,
                 ("hessian", "finite-difference"): self.hessian_finite_difference,
                 ("ggn", "forward"): self.ggn_forward,
-                ("ggn", "double-backward"): self.ggn_double_backward}[(curvature, mode)]
+                ("ggn", "double-backward"): self.ggn_double_backward,
+                ("empirical-fisher", "forward"): self.empirical_fisher_forward,
+                ("empirical-fisher", "double-backward"): self.empirical_fisher_double_backward,
+                ("residual", "forward"): self.residual_forward,
+                ("residual", "double-backward"): self.residual_double_backward}[(curvature, mode)]
 
     def _bound(self, p: Sequence[torch.Tensor]) -> BoundModel:
         # each tensor once (a tied weight under its first name; functional_call ties the others)
@@ -105,15 +113,6 @@ class BatchProducts:
 
         return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
 
-    def ggn_forward(self, p, b, T):
-        out, pullback = vjp(lambda q: self.outputs(q, b), p)
-        loss_grad = grad(lambda o: self.objective.output_loss_sum(o, b))
-
-        def column(t):
-            jv = jvp(lambda q: self.outputs(q, b), (p,), (t,))[1]
-            return pullback(jvp(loss_grad, (out,), (jv,))[1])[0]
-
-        return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
 
     def hessian_double_backward(self, p, b, T):
         q = self.leaves(p)
@@ -122,19 +121,60 @@ class BatchProducts:
                 for t in T]
         return torch.stack([self.layout.flatten(r) for r in rows])
 
-    def ggn_double_backward(self, p, b, T):
+    def _sandwich_forward(self, f, middle, p, T):
+        """Σ Jᵀ M(f(p)) J t for each row t of T, J the Jacobian of ``f`` at p: one VJP, and one
+        vmapped JVP over the block (``middle(out, Jt)`` → M Jt)."""
+        out, pullback = vjp(f, p)
+
+        def column(t):
+            return pullback(middle(out, jvp(f, (p,), (t,))[1]))[0]
+
+        return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
+
+    def _sandwich_double_backward(self, f, middle, p, T):
+        """As :meth:`_sandwich_forward` by reverse mode only: J t is the derivative of Jᵀu in u
+        (``middle(out)`` → the map Jt ↦ M Jt)."""
         q = self.leaves(p)
-        out = self.outputs(q, b)
+        out = f(q)
         u = torch.zeros_like(out, requires_grad=True)
         jt_u = torch.autograd.grad(out, q, grad_outputs=u, create_graph=True)   # Jᵀu, linear in u
-        out_leaf = out.detach().requires_grad_(True)
-        loss_grad = torch.autograd.grad(self.objective.output_loss_sum(out_leaf, b), out_leaf, create_graph=True)[0]
+        m = middle(out)
         rows = []
         for t in T:
             jv = torch.autograd.grad(jt_u, u, grad_outputs=self.layout.unflatten(t), retain_graph=True)[0]
-            hjv = torch.autograd.grad(loss_grad, out_leaf, grad_outputs=jv, retain_graph=True)[0]
-            rows.append(self.layout.flatten(torch.autograd.grad(out, q, grad_outputs=hjv, retain_graph=True)))
+            rows.append(self.layout.flatten(torch.autograd.grad(out, q, grad_outputs=m(jv), retain_graph=True)))
         return torch.stack(rows)
+
+    def ggn_forward(self, p, b, T):
+        loss_grad = grad(lambda o: self.objective.output_loss_sum(o, b))
+        return self._sandwich_forward(lambda q: self.outputs(q, b),
+                                      lambda out, jv: jvp(loss_grad, (out,), (jv,))[1], p, T)
+
+    def ggn_double_backward(self, p, b, T):
+        def loss_hessian(out):
+            out_leaf = out.detach().requires_grad_(True)
+            loss_grad = torch.autograd.grad(self.objective.output_loss_sum(out_leaf, b), out_leaf,
+                                            create_graph=True)[0]
+            return lambda jv: torch.autograd.grad(loss_grad, out_leaf, grad_outputs=jv, retain_graph=True)[0]
+
+        return self._sandwich_double_backward(lambda q: self.outputs(q, b), loss_hessian, p, T)
+
+    def sample_losses(self, p: Sequence[torch.Tensor], batch) -> torch.Tensor:
+        return self.objective.sample_losses(self.outputs(p, batch), batch)
+
+    def empirical_fisher_forward(self, p, b, T):
+        """Σᵢ ∇ℓᵢ (∇ℓᵢᵀ t): J the Jacobian of the per-sample losses, M = I (never a per-sample gradient)."""
+        return self._sandwich_forward(lambda q: self.sample_losses(q, b), lambda out, jv: jv, p, T)
+
+    def empirical_fisher_double_backward(self, p, b, T):
+        return self._sandwich_double_backward(lambda q: self.sample_losses(q, b), lambda out: (lambda jv: jv), p, T)
+
+    def residual_forward(self, p, b, T):
+        """S = H − G: the Hessian's part from the model's own curvature (Σ ∂ℓ/∂o · ∇²o)."""
+        return self.hessian_forward(p, b, T) - self.ggn_forward(p, b, T)
+
+    def residual_double_backward(self, p, b, T):
+        return self.hessian_double_backward(p, b, T) - self.ggn_double_backward(p, b, T)
 
     def hessian_finite_difference(self, p, b, T):
         g = grad(self.loss_sum)

@@ -1,6 +1,9 @@
-"""Per-process curvature products: Hessian or GGN of the full-dataset mean loss times a block.
+"""Per-process curvature products of the full-dataset mean loss times a block:
 
     A V = (1/N) Σ_batches Σ_{i in batch} ∇²ℓ_i(θ) V
+
+for the Hessian; the GGN, the empirical Fisher and the residual H − G in their place
+(:mod:`hessdist.batch_products` says what each is).
 
 A batch's product is computed in one of three ``mode``s (forward-over-reverse, double
 backward, finite differences: :mod:`hessdist.batch_products`). The exact modes agree to
@@ -33,13 +36,14 @@ import torch
 from torch import nn
 
 from .basis import basis_room
-from .batch_products import CURVATURES, MODES, BatchProducts, explained, missing_derivative, no_exact_mode
+from .batch_products import CURVATURES, MODES, OUTPUT_CURVATURES, BatchProducts, explained, missing_derivative, no_exact_mode
 from .compiled import CompiledProduct
-from .data import Batch, Batches, DataLike, StreamedBatches, describe, load_batches, rows, take
-from .errors import InputError, NonDeterministicError, NonFiniteError, OutOfMemory
+from .data import Batch, Batches, DataLike, StreamedBatches, load_batches, rows, take
+from .errors import InputError, OutOfMemory
 from .losses import LossFn
 from .objective import BatchLoss, objective_of
 from .operator import Operator
+from .operator_checks import OperatorChecks
 from .params import ParameterLayout, load_state
 from .precision import float32_precision
 
@@ -65,9 +69,10 @@ class MicroBatchWarning(UserWarning):
     """The device ran out of memory and batches are now split into smaller micro-batches."""
 
 
-class CurvatureOperator(Operator):
-    """The Hessian (or GGN) of ``loss`` averaged over ``data``, as a symmetric operator on the
-    flat vector of the model's selected parameters (see :class:`ParameterLayout` for the order).
+class CurvatureOperator(OperatorChecks, Operator):
+    """The Hessian (or ``curvature``: GGN, empirical Fisher, H − G) of ``loss`` averaged over
+    ``data``, as a symmetric operator on the flat vector of the model's selected parameters (see
+    :class:`ParameterLayout` for the order).
     ``loss``: a name or ``loss(outputs, targets)`` for (inputs, targets) batches, or a
     :class:`~hessdist.objective.BatchLoss` for batches of any shape (see :mod:`hessdist.objective`).
 
@@ -89,9 +94,9 @@ class CurvatureOperator(Operator):
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if curvature == "ggn" and mode == "finite-difference":
-            raise InputError("finite differences of gradients give Hessian products only; "
-                             "use mode='forward' or 'double-backward' for the GGN")
+        if curvature in OUTPUT_CURVATURES and mode == "finite-difference":
+            raise InputError(f"finite differences of gradients give Hessian products only; "
+                             f"use mode='forward' or 'double-backward' for the {curvature}")
         if compiled and mode == "double-backward":
             raise InputError("torch.compile does not support double backward; use mode='forward' (or 'auto') "
                              "with compiled=True (CLI: --mode forward --compile)")
@@ -112,9 +117,9 @@ class CurvatureOperator(Operator):
         if eval_mode:
             self.model.eval()
         self.objective = objective_of(loss)
-        if curvature == "ggn" and not self.objective.pairs:
-            raise InputError("the GGN needs the model's outputs and a loss of them: use a loss(outputs, targets) "
-                             "on (inputs, targets) batches (inputs may be a dict for a keyword model), or "
+        if curvature in OUTPUT_CURVATURES and not self.objective.pairs:
+            raise InputError(f"the {curvature} needs the model's outputs and a loss of them: use a loss(outputs, "
+                             "targets) on (inputs, targets) batches (inputs may be a dict for a keyword model), or "
                              "curvature='hessian' with a BatchLoss")
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
@@ -130,6 +135,8 @@ class CurvatureOperator(Operator):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.n_samples = self._count_samples(self.batches)
         self._check_first_batch()
+        if curvature == "empirical-fisher":
+            self._check_sample_mean()
         if mode == "auto":          # compiled: forward is the only exact mode torch.compile supports
             self.mode = "forward" if compiled else self._fastest_mode()
         self._batch_product = self._product_function(self.mode, compiled)
@@ -146,6 +153,22 @@ class CurvatureOperator(Operator):
         view.batches, view.hvps, view.fpe = self.batches.spread(fraction), 0, 0.0
         view.n_samples = self._count_samples(view.batches)
         view.data_fraction = self.data_fraction * view.n_samples / self.n_samples
+        view._warm_up()
+        return view
+
+    def with_curvature(self, curvature: str) -> "CurvatureOperator":
+        """The same model, data and settings with another ``curvature`` (``decompose`` compares
+        H, G, S and the empirical Fisher at one θ without rebuilding anything)."""
+        if curvature not in CURVATURES:
+            raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature in OUTPUT_CURVATURES and (self.mode == "finite-difference" or not self.objective.pairs):
+            raise InputError(f"the {curvature} needs exact products (mode 'forward' or 'double-backward') of a "
+                             "loss(outputs, targets)")
+        view = copy.copy(self)
+        view.curvature, view.hvps, view.fpe = curvature, 0, 0.0
+        if curvature == "empirical-fisher":
+            view._check_sample_mean()
+        view._batch_product = view._product_function(view.mode, view.compiled)
         view._warm_up()
         return view
 
@@ -242,11 +265,22 @@ class CurvatureOperator(Operator):
         return self.layout.flatten(self.layout.gather(self.model)).to("cpu", torch.float64)
 
     # -- loss ---------------------------------------------------------------------------------
+    def _at(self, theta: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The selected parameters: current, or the flat vector θ."""
+        return tuple(self.layout.gather(self.model) if theta is None else self.layout.unflatten(
+            torch.as_tensor(theta).to(self.device, self.dtype)))
+
+    def loss(self, theta: torch.Tensor | None = None) -> float:
+        """Full-dataset mean loss at θ (default: current): one forward pass, no gradient."""
+        p = self._at(theta)
+        with torch.no_grad():
+            total = self._sum_over_data(lambda b: self.products.loss_sum(p, b).reshape(1), "loss", (1,))
+        return float(total[0]) / self.n_samples
+
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """Full-dataset mean loss and its gradient (float64, length n, on the host) at θ
         (default: current)."""
-        p = tuple(self.layout.gather(self.model) if theta is None else self.layout.unflatten(
-            torch.as_tensor(theta).to(self.device, self.dtype)))
+        p = self._at(theta)
         value_and_grad = torch.func.grad_and_value(self.products.loss_sum)
 
         def batch(b):
@@ -339,60 +373,3 @@ class CurvatureOperator(Operator):
         with float32_precision(self.tf32) as flags:
             self.fp32_precision = flags
             yield
-
-    # -- checks -------------------------------------------------------------------------------
-    @staticmethod
-    def _check_finite(t: torch.Tensor, batch: int, what: str) -> None:
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"the {what} is NaN or infinite on batch {batch}; check the data for NaN/inf, the "
-                "model's parameters (a diverged checkpoint?), and the loss for log(0) or overflow "
-                "(try --dtype float64)")
-
-    def _check_first_batch(self) -> None:
-        """One gradient on the first batch: the loss is finite and every parameter is used."""
-        batch = self.batches.first()
-
-        def head() -> Batch:                      # the first micro-batch (whose size may halve)
-            return take(batch, slice(0, self.micro_batch))
-
-        self.objective.check(batch)
-        if not self.objective.pairs and self.objective.count(head()) == 0:
-            raise InputError(f"the first {rows(head())} rows hold no sample the loss counts (e.g. every label "
-                             "is -100), so their mean loss is 0/0; put counted samples first or check the labels")
-        q = self.products.leaves(self.layout.gather(self.model))
-        try:
-            loss = self._retry_on_oom(lambda: self.products.loss_sum(q, head()))
-        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
-            form = "(inputs, targets)" if self.objective.pairs else "batch"
-            raise InputError(f"the model and loss failed on the first batch ({form} {describe(batch)}): "
-                             f"{type(exc).__name__}: {exc}. Check that the data fit the model's inputs and "
-                             "that the loss fits its outputs") from exc
-        if loss.ndim != 0:
-            raise InputError(f"the loss must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
-        self._check_finite(loss, 0, "loss")
-        grads = torch.autograd.grad(loss, q, allow_unused=True)
-        unused = [n for n, g in zip(self.layout.names, grads) if g is None]
-        if unused:
-            raise InputError(f"parameters {unused} do not affect the loss; their Hessian rows are zero "
-                             "and undefined for autograd. Exclude them with params=[...] (CLI: "
-                             "--params) or set requires_grad=False on them")
-
-    def check_determinism(self, seed: int = 0, rtol: float | None = None) -> None:
-        """Refuse an operator that is not a fixed symmetric linear map: repeat a product of the
-        same vector and compare uᵀAv with vᵀAu. Costs three products (counted in ``hvps``), one
-        column each: passes of different widths may run different kernels (cuDNN picks its
-        algorithms by shape), whose rounding differs without the map being at fault."""
-        rtol = rtol if rtol is not None else min(1e4 * torch.finfo(self.dtype).eps, 0.05)
-        gen = torch.Generator().manual_seed(seed)
-        u, v = torch.randn(2, self.n, generator=gen, dtype=torch.float64)
-        Au, Av, Av_again = (self.matvec(x) for x in (u, v, v))
-        repeat = float((Av - Av_again).norm() / max(float(Av.norm()), 1e-300))
-        asym = abs(float(u @ Av - v @ Au)) / max(float(u.norm() * Av.norm() + v.norm() * Au.norm()), 1e-300)
-        if repeat > rtol or asym > rtol:
-            raise NonDeterministicError(
-                f"curvature products are not a fixed symmetric linear map (repeat differs by "
-                f"{repeat:.2e}, uᵀAv vs vᵀAu by {asym:.2e}; tolerance {rtol:.1e}). Put the model in eval "
-                "mode (no dropout, BatchNorm on running statistics), remove random augmentation from "
-                "the data, and make the data order fixed")
-

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from .data import rows
 from .losses import BATCH_LOSSES, BATCH_SAMPLES, LossFn, get_loss, named
@@ -71,6 +71,12 @@ class PairLoss:
 
     def loss_sum(self, model: Call, batch: Any) -> torch.Tensor:
         return self.output_loss_sum(self.outputs(model, batch), batch)
+
+    def sample_losses(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """(rows,): each row's loss alone, ``loss(outputs[i:i+1], targets[i:i+1])`` — the per-sample
+        terms whose gradients make the empirical Fisher (their mean is the batch loss only for a
+        loss that is a mean over rows: checked on the first batch)."""
+        return vmap(lambda o, t: self.loss(o.unsqueeze(0), t.unsqueeze(0)))(outputs, batch[1])
 
     def count(self, batch: Any) -> int:
         return len(batch[1])

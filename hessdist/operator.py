@@ -97,6 +97,11 @@ class Operator(ABC):
         that is then certified on the full data). Operators that own no data cannot."""
         raise InputError(f"{type(self).__name__} has no data to take a subset of")
 
+    def with_curvature(self, curvature: str) -> "Operator":
+        """Another curvature (``ggn``, ``empirical-fisher``, ``residual``, ``hessian``) of the same
+        model and data. Operators that own no model cannot."""
+        raise InputError(f"{type(self).__name__} has no model to take another curvature of")
+
     def krylov_basis(self, capacity: int, dtype: torch.dtype = torch.float64) -> KrylovBasis:
         """A fresh Krylov basis of at most ``capacity`` vectors over this operator, held where the
         products are computed."""

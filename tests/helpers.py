@@ -113,6 +113,13 @@ def dense_ggn_cross_entropy(model: nn.Module, x, y) -> np.ndarray:
     return (torch.einsum("icn,icd,idm->nm", J, H_out, J) / len(x)).numpy()
 
 
+def dense_empirical_fisher(model: nn.Module, x, y) -> np.ndarray:
+    """(1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ from the per-sample gradients stacked densely (N, n)."""
+    theta, outputs, _ = _flat_loss_fn(model, F.cross_entropy, x, y)
+    G = jacrev(lambda t: F.cross_entropy(outputs(t), y, reduction="none"))(theta)
+    return (G.T @ G / len(x)).numpy()
+
+
 MODELS = {"mlp": mlp, "cnn_bn": cnn_bn, "resnet": resnet_small}
 
 

@@ -8,7 +8,7 @@ from hessdist.errors import InputError, NonDeterministicError, NonFiniteError, O
 from hessdist.curvature import CurvatureOperator, MicroBatchWarning
 from hessdist.params import ParameterLayout, load_state
 
-from .helpers import MODELS, cnn_bn, digits_subset, mlp, reference
+from .helpers import MODELS, cnn_bn, dense_empirical_fisher, digits_subset, mlp, reference
 
 DATA = digits_subset()          # 120 samples, batch 32: three full batches and one of 24
 
@@ -41,6 +41,53 @@ def test_ggn_products_match_closed_form(model_and_dense, mode):
                            curvature="ggn", mode=mode)
     V = block(op.n)
     np.testing.assert_allclose(op.matmat(V), G @ V, rtol=0, atol=1e-11 * np.abs(G @ V).max())
+
+
+@pytest.mark.parametrize("mode", ["forward", "double-backward"])
+def test_empirical_fisher_and_residual_match_dense(model_and_dense, mode):
+    """The empirical Fisher against per-sample gradients stacked densely; S against H − G dense."""
+    name, model, H, G = model_and_dense
+    F = dense_empirical_fisher(model, *DATA)
+    V = block(H.shape[0])
+    for curvature, dense in (("empirical-fisher", F), ("residual", H - G)):
+        op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64,
+                               curvature=curvature, mode=mode)
+        np.testing.assert_allclose(op.matmat(V), dense @ V, rtol=0, atol=1e-11 * np.abs(dense @ V).max(),
+                                   err_msg=curvature)
+    assert np.linalg.eigvalsh(F).min() > -1e-12 * np.abs(F).max()       # a sum of outer products
+    assert np.abs(F - G).max() > 1e-3 * np.abs(G).max()                 # not the GGN off the optimum
+
+
+def test_with_curvature_switches_the_same_operator(model_and_dense):
+    _, model, H, G = model_and_dense
+    op = CurvatureOperator(model, "cross_entropy", DATA, batch_size=32, dtype=torch.float64)
+    V = block(op.n, k=2)
+    for curvature, dense in (("ggn", G), ("residual", H - G), ("hessian", H)):
+        view = op.with_curvature(curvature)
+        assert view.curvature == curvature and view.n_samples == op.n_samples and view.hvps == 0
+        np.testing.assert_allclose(view.matmat(V), dense @ V, rtol=0, atol=1e-11 * np.abs(dense @ V).max())
+        assert view.hvps == 2
+    assert op.curvature == "hessian" and op.hvps == 0            # the original is untouched
+    with pytest.raises(InputError, match="curvature must be one of"):
+        op.with_curvature("fisher")
+
+
+def test_empirical_fisher_refuses_a_loss_that_is_not_a_per_sample_mean():
+    x, y = DATA
+    def summed(out, t):
+        return nn.functional.cross_entropy(out, t, reduction="sum")
+    with pytest.raises(InputError, match="mean of per-sample"):
+        CurvatureOperator(mlp(), summed, DATA, curvature="empirical-fisher")
+    ignored = (x, torch.where(torch.arange(len(y)) % 3 == 0, -100, y))      # ignore-index: not a row mean
+    with pytest.raises(InputError, match="mean of per-sample"):
+        CurvatureOperator(mlp(), "cross_entropy", ignored, curvature="empirical-fisher")
+    with pytest.raises(InputError, match="train-mode model"):
+        CurvatureOperator(mlp(), "cross_entropy", DATA, curvature="empirical-fisher", eval_mode=False)
+    with pytest.raises(InputError, match="mean of per-sample"):        # checked on a switch too
+        CurvatureOperator(mlp(), summed, DATA).with_curvature("empirical-fisher")
+    for curvature in ("empirical-fisher", "residual"):
+        with pytest.raises(InputError, match="Hessian products only"):
+            CurvatureOperator(mlp(), "cross_entropy", DATA, curvature=curvature, mode="finite-difference")
 
 
 def test_ggn_is_psd_and_differs_from_hessian(model_and_dense):

@@ -9,9 +9,14 @@ import torch
 
 from hessdist import BatchLoss
 from hessdist.data import spread_indices
+from hessdist.errors import InputError
 from hessdist.workers import DistributedOperator, OperatorSpec, WorkerGroup
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.lanczos import lanczos
+from hessdist.studies.along import along
+from hessdist.studies.decompose import decompose_at
+from hessdist.studies.rank import rank
+from hessdist.studies.subset_vs_full import compare_subset
 
 from . import helpers
 from .workers_setup import N, data_factory, in_process, lopsided_data, spec
@@ -28,18 +33,58 @@ def groups():
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "empirical-fisher", "residual"])
 def test_distributed_products_equal_in_process(groups, workers, curvature):
-    group = groups[workers] if curvature == "hessian" else WorkerGroup(spec("ggn"), workers)
-    try:
-        op = DistributedOperator(group)
-        assert op.n_samples == N
-        V = np.random.default_rng(workers).standard_normal((op.n, 3))
-        ref = in_process(curvature).matmat(V)
-        np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
-    finally:
-        if curvature == "ggn":
-            group.shutdown()
+    op = DistributedOperator(groups[workers])
+    op = op if curvature == "hessian" else op.with_curvature(curvature)   # the same workers, another curvature
+    assert op.n_samples == N and op.curvature == curvature
+    V = np.random.default_rng(workers).standard_normal((op.n, 3))
+    ref = in_process(curvature).matmat(V)
+    np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_a_curvature_view_solves_on_sharded_workers_as_in_process(groups):
+    """The empirical Fisher and H − G of the hessian group's workers: a sharded solve of each
+    equals the in-process one and the dense eigenvalues; an unknown curvature is refused."""
+    for curvature, which in (("empirical-fisher", "LA"), ("residual", "LA,SA")):
+        op = DistributedOperator(groups[2]).with_curvature(curvature)
+        local = lanczos(in_process(curvature), which=which, k=2, tol=1e-10, seed=5)
+        dist = lanczos(op, which=which, k=2, tol=1e-10, seed=5)
+        assert local.converged and dist.hvps == local.hvps
+        assert_same_solve(dist, local, dense_spectrum(curvature))
+    with pytest.raises(InputError, match="curvature must be one of"):
+        DistributedOperator(groups[2]).subset(0.5).with_curvature("fisher")
+
+
+def test_studies_on_workers_give_the_in_process_numbers(groups):
+    """decompose and along on 2 workers: the in-process numbers to float64 rounding; the exact
+    rank's dense matrix against the dense spectrum; subset against the dense Hessians of the
+    samples it keeps and of all of them."""
+    dist, local = DistributedOperator(groups[2]), in_process()
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12)
+    a, b = (decompose_at(op, tol=1e-2, trace_hvps=6, seed=3) for op in (dist, local))
+    for curvature in a:
+        close([a[curvature][key] for key in ("largest", "smallest", "trace")],
+              [b[curvature][key] for key in ("largest", "smallest", "trace")], err_msg=curvature)
+    exact = rank(dist, relative=1e-2, method="exact")
+    lam = dense_spectrum("hessian")
+    close(exact["eigenvalues"], lam, atol=1e-12 * abs(lam).max())
+    assert exact["positive"] == (lam > 1e-2 * lam[-1]).sum() and exact["hvps"] == dist.n
+    res = lanczos(local, which="LA", k=1, tol=1e-8, seed=1)
+    vectors = {"LA": (res.largest.values, res.largest.vectors)}
+    a, b = (along(op, vectors, scales=(0.1,), points=5) for op in (dist, local))
+    for key in ("slope", "optimal_step", "best_improvement", "loss_evaluations"):
+        close(a["ends"]["LA"][0][key], b["ends"]["LA"][0][key], err_msg=key)
+    close(a["ends"]["LA"][0]["lines"][0]["loss"], b["ends"]["LA"][0]["lines"][0]["loss"])
+    # the subset is spread over each worker's shard: its dense Hessian is that of those samples
+    out = compare_subset(dist, fraction=0.5, k=1, tol=1e-8, seed=2)
+    x, y = data_factory()
+    kept = torch.cat([torch.arange(N)[r::2][spread_indices(len(range(r, N, 2)), 0.5)] for r in (0, 1)])
+    lam_sub = np.linalg.eigvalsh(helpers.dense_hessian(helpers.cnn_bn(), x[kept], y[kept]))
+    assert out["subset_samples"] == len(kept)
+    for end, sub in (("LA", lam_sub[::-1]), ("SA", lam_sub)):
+        np.testing.assert_allclose(out["ends"][end]["subset"], sub[:1], rtol=1e-7)
+    np.testing.assert_allclose([out["ends"]["LA"]["full"][0], out["ends"]["SA"]["full"][0]], lam[[-1, 0]], rtol=1e-7)
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -58,7 +103,10 @@ def test_lopsided_shards_do_not_hang_and_weight_by_sample(workers):
 def dense_spectrum(curvature: str) -> np.ndarray:
     x, y = data_factory()
     model = helpers.cnn_bn()
-    M = helpers.dense_hessian(model, x, y) if curvature == "hessian" else helpers.dense_ggn_cross_entropy(model, x, y)
+    M = {"hessian": lambda: helpers.dense_hessian(model, x, y),
+         "ggn": lambda: helpers.dense_ggn_cross_entropy(model, x, y),
+         "empirical-fisher": lambda: helpers.dense_empirical_fisher(model, x, y),
+         "residual": lambda: helpers.dense_hessian(model, x, y) - helpers.dense_ggn_cross_entropy(model, x, y)}[curvature]()
     return torch.linalg.eigvalsh(torch.from_numpy(M)).numpy()
 
 

@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import HessdistError
-from . import directions, eigs, service, spectrum
+from . import directions, eigs, service, spectrum, studies
 
-COMMAND_GROUPS = (eigs, spectrum, directions, service)
+COMMAND_GROUPS = (eigs, spectrum, directions, studies, service)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from ..errors import InputError
+from ..batch_products import CURVATURES
 from ..curvature import products_exact
 from ..operator import Operator
 from .sharded_basis import ShardedKrylovBasis
@@ -22,10 +23,13 @@ from .group import WorkerGroup
 class DistributedOperator(Operator):
     """Full-dataset curvature products computed by a worker group."""
 
-    def __init__(self, group: WorkerGroup, fraction: float = 1.0):
+    def __init__(self, group: WorkerGroup, fraction: float = 1.0, curvature: str | None = None):
         self.group, self.fraction = group, fraction
+        #: the spec's curvature, or another the workers compute from the same model and data
+        self.curvature = curvature or group.spec.curvature
         self.n = group.n
-        self.n_samples = group.n_samples if fraction == 1.0 else group.run("subset_samples", fraction)[0]
+        self.n_samples = group.n_samples if fraction == 1.0 else group.run("subset_samples", fraction,
+                                                                           self.curvature)[0]
         self.data_fraction = self.n_samples / group.n_samples
         self.basis_shards = group.size
         spec = group.spec
@@ -35,7 +39,15 @@ class DistributedOperator(Operator):
         """The same workers, each using ``fraction`` of its shard, spread evenly over it."""
         if not 0 < fraction <= 1:
             raise InputError(f"fraction must lie in (0, 1], got {fraction}")
-        return DistributedOperator(self.group, float(fraction))
+        return DistributedOperator(self.group, float(fraction), self.curvature)
+
+    def with_curvature(self, curvature: str) -> "DistributedOperator":
+        """The same workers computing another ``curvature`` (see :meth:`CurvatureOperator.with_curvature`)."""
+        if curvature not in CURVATURES:
+            raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        op = DistributedOperator(self.group, self.fraction, curvature)
+        op.group.run("subset_samples", self.fraction, curvature)     # built (and checked) on every worker now
+        return op
 
     def set_parameters(self, state: Mapping[str, torch.Tensor]) -> None:
         """Send a ``state_dict`` once; every later product uses it."""
@@ -43,17 +55,24 @@ class DistributedOperator(Operator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         ref = ray.put(V.cpu().numpy())
-        return torch.tensor(self.group.run("matmat", ref, self.fraction)[0]).to(V.device)
+        return torch.tensor(self.group.run("matmat", ref, self.fraction, self.curvature)[0]).to(V.device)
 
     @property
     def parameters(self) -> torch.Tensor:
         """The workers' current flat parameter vector θ (float64)."""
         return torch.tensor(self.group.run("parameters")[0])
 
+    def loss(self, theta: torch.Tensor | None = None) -> float:
+        return self.group.run("loss", self._theta(theta))[0]
+
     def loss_and_gradient(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-        arg = None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
-        loss, g = self.group.run("loss_and_gradient", arg)[0]
+        loss, g = self.group.run("loss_and_gradient", self._theta(theta))[0]
         return loss, torch.tensor(g)
+
+    @staticmethod
+    def _theta(theta: torch.Tensor | None):
+        """θ for the workers: once through the object store (None: their current parameters)."""
+        return None if theta is None else ray.put(torch.as_tensor(theta, dtype=torch.float64).numpy())
 
     def describe(self) -> dict:
         """Rank 0's product settings; the smallest micro-batch and the largest peak memory over

@@ -18,11 +18,12 @@ from .slice_basis import MissingBasis
 
 class GroupProducts(Protocol):
     """What the handle needs of its operator (:class:`~hessdist.workers.operator.DistributedOperator`,
-    which builds it): the group, the size, the data fraction, and the count of products."""
+    which builds it): the group, the size, the data fraction and curvature, and the count of products."""
 
     group: WorkerGroup
     n: int
     fraction: float
+    curvature: str
 
     def count(self, columns: int) -> None: ...
 
@@ -37,7 +38,7 @@ class ShardedKrylovBasis(KrylovBasis):
         self.id, self._capacity, self._size = uuid.uuid4().hex, min(capacity, op.n), 0
         self.dtype_name = str(dtype).removeprefix("torch.")
         self._peak = 0
-        self._call("basis_reset", capacity, self.dtype_name, op.fraction)
+        self._call("basis_reset", capacity, self.dtype_name, op.fraction, op.curvature)
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         """``method`` on every rank (with this basis's id); a rank that no longer holds the

@@ -142,18 +142,21 @@ class CurvatureWorker:
         self.rank = rank
         self.op = self.spec.build(rank, world_size, self.device, reducer=all_reduce_sum,
                                   agree=agree_across_ranks(self.device))
-        self.subsets = {1.0: self.op}
+        self.views: dict[tuple[float, str], CurvatureOperator] = {}
         return self.op.n, self.op.n_samples
 
-    def _op(self, fraction: float = 1.0) -> CurvatureOperator:
-        """The operator over a leading fraction of this shard (built on first use; every rank
-        gets the same call at the same time, so the sample-count all-reduce inside lines up)."""
-        if fraction not in self.subsets:
-            self.subsets[fraction] = self.op.subset(fraction)
-        return self.subsets[fraction]
+    def _op(self, fraction: float = 1.0, curvature: str | None = None) -> CurvatureOperator:
+        """The operator over a fraction of this shard, spread evenly over it, in the spec's or
+        another ``curvature`` (built on first use; every rank gets the same call at the same time,
+        so the sample-count all-reduce inside lines up)."""
+        key = (fraction, curvature or self.op.curvature)
+        if key not in self.views:
+            op = self.op if key[1] == self.op.curvature else self.op.with_curvature(key[1])
+            self.views[key] = op if fraction == 1.0 else op.subset(fraction)
+        return self.views[key]
 
-    def subset_samples(self, fraction: float) -> int:
-        return self._op(fraction).n_samples
+    def subset_samples(self, fraction: float, curvature: str | None = None) -> int:
+        return self._op(fraction, curvature).n_samples
 
     def set_parameters(self, state: dict[str, np.ndarray]) -> None:
         self.op.set_parameters({k: torch.tensor(v) for k, v in state.items()})
@@ -162,8 +165,11 @@ class CurvatureWorker:
     def _rank0(self, value):
         return value if self.rank == 0 else None
 
-    def matmat(self, V: np.ndarray, fraction: float = 1.0) -> np.ndarray | None:
-        return self._rank0(self._op(fraction).matmat(np.asarray(V)))
+    def matmat(self, V: np.ndarray, fraction: float = 1.0, curvature: str | None = None) -> np.ndarray | None:
+        return self._rank0(self._op(fraction, curvature).matmat(np.asarray(V)))
+
+    def loss(self, theta: np.ndarray | None = None) -> float | None:
+        return self._rank0(self.op.loss(None if theta is None else torch.tensor(theta)))
 
     def loss_and_gradient(self, theta: np.ndarray | None = None):
         loss, g = self.op.loss_and_gradient(None if theta is None else torch.tensor(theta))   # a copy: theta is read-only (object store)
@@ -187,8 +193,10 @@ class CurvatureWorker:
             raise MissingBasis(f"rank {self.rank} holds no basis {basis_id[:8]}")
         return self.basis
 
-    def basis_reset(self, basis_id: str, capacity: int, dtype: str, fraction: float = 1.0) -> None:
-        self.basis, self.basis_id = SliceBasis(self._op(fraction), capacity, getattr(torch, dtype)), basis_id
+    def basis_reset(self, basis_id: str, capacity: int, dtype: str, fraction: float = 1.0,
+                    curvature: str | None = None) -> None:
+        self.basis = SliceBasis(self._op(fraction, curvature), capacity, getattr(torch, dtype))
+        self.basis_id = basis_id
 
     def basis_add_start(self, basis_id: str, v: np.ndarray) -> float:
         return self._basis(basis_id).add_start(v)
