@@ -1,6 +1,8 @@
 """Fixtures shared by test modules."""
 import os
 import secrets
+import shutil
+import tempfile
 
 import pytest
 import ray
@@ -15,6 +17,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from .service_setup import ray_head
+
+
+def pytest_configure(config):
+    """A folder the session's pytest processes share (dense references computed once, by the
+    first process to need them: tests/helpers.py ``shared``); xdist workers inherit it."""
+    if not hasattr(config, "workerinput") and "HESSDIST_TEST_SHARED" not in os.environ:
+        config.hessdist_shared = os.environ["HESSDIST_TEST_SHARED"] = tempfile.mkdtemp(prefix="hessdist-tests-")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "hessdist_shared", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("HESSDIST_TEST_SHARED", None)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ closed-form softmax Hessian and ``jacrev`` Jacobians."""
 from __future__ import annotations
 
 import copy
+import fcntl
 import functools
 import os
 import time
@@ -123,12 +124,33 @@ def dense_empirical_fisher(model: nn.Module, x, y) -> np.ndarray:
 MODELS = {"mlp": mlp, "cnn_bn": cnn_bn, "resnet": resnet_small}
 
 
+def shared(name: str, compute) -> tuple[np.ndarray, ...]:
+    """``compute()`` (a tuple of arrays) once per test session: the pytest processes share it
+    through a file in the session's folder (``HESSDIST_TEST_SHARED``, made by conftest), the
+    first to need it computing it under a lock while the other waits."""
+    folder = os.environ.get("HESSDIST_TEST_SHARED")
+    if not folder:
+        return tuple(compute())
+    path = os.path.join(folder, f"{name}.npz")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            np.savez(path + ".part.npz", *compute())
+            os.replace(path + ".part.npz", path)
+        with np.load(path) as stored:
+            return tuple(stored[f"arr_{i}"] for i in range(len(stored.files)))
+
+
 @functools.lru_cache(maxsize=None)
 def reference(name: str):
     """(model, dense Hessian, dense GGN) on ``digits_subset()``, computed once per test session."""
     model = MODELS[name]()
-    data = digits_subset()
-    return model, dense_hessian(model, *data), dense_ggn_cross_entropy(model, *data)
+
+    def dense():
+        data = digits_subset()
+        return dense_hessian(model, *data), dense_ggn_cross_entropy(model, *data)
+
+    return (model, *shared(f"reference-{name}", dense))
 
 
 class DenseOperator(Operator):
@@ -145,8 +167,11 @@ class DenseOperator(Operator):
 @functools.lru_cache(maxsize=None)
 def trained_mlp_hessian() -> np.ndarray:
     """Dense Hessian of the trained digits MLP (λ_max/|λ_min| in the hundreds, a dense bulk at 0)."""
-    model, data = trained_digits_mlp()
-    return dense_hessian(model, *data)
+    def dense():
+        model, data = trained_digits_mlp()
+        return (dense_hessian(model, *data),)
+
+    return shared("trained-mlp-hessian", dense)[0]
 
 
 GPT2_PARAMS = ("transformer.h.1.attn.c_proj.bias", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight",

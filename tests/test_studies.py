@@ -148,11 +148,11 @@ def test_subset_against_full_matches_the_dense_subset_hessian(mlp_problem):
     assert math.isclose(out["fpe"], out["full_fpe"] + out["subset_fpe"]) and out["subset_fpe"] < out["full_fpe"]
 
 
-def test_study_commands_write_their_json_and_figures(tmp_path, capsys):
+def test_study_commands_write_their_json_and_figures(tmp_path, capsys, digits_checkpoint):
     """Each study through the command line (in-process, the trained digits MLP's last layer):
     JSON, PNGs that are PNGs, and clear errors for bad input."""
-    common = ["--example", "digits-mlp", "--workers", "0", "--params", "3.*", "--dtype", "float64", "--seed", "0",
-              "--quiet"]
+    common = ["--example", "digits-mlp", "--checkpoint", digits_checkpoint, "--workers", "0", "--params", "3.*",
+              "--dtype", "float64", "--seed", "0", "--quiet"]
 
     def run(*argv):
         path = tmp_path / f"{argv[0]}.json"

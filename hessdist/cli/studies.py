@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,18 @@ from ..studies.verify import MAX_N, reference_hessian, verify
 from .common import add_problem_options, load_checkpoint, load_vectors, run_problem, write_png
 
 
+def every_tenth(total: int, what: str, say) -> Callable[[int], None]:
+    """A progress callback that says ``done/total what`` each time another tenth is done."""
+    shown = [0]
+
+    def progress(done: int) -> None:
+        if done * 10 // total > shown[0] or done == total:
+            shown[0] = done * 10 // total
+            say(f"  {done:,}/{total:,} {what}")
+
+    return progress
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     def body(op, job, say):
         if op.n > args.max_n:
@@ -28,9 +41,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             say(f"the float64 reference: torch.func.hessian of the full-data loss (n = {op.n}) ...")
             factory = resolve(job.data_factory) if isinstance(job.data_factory, str) else job.data_factory
             params = tuple(args.params.split(",")) if args.params else None
-            reference = reference_hessian(job.model, job.loss, load_shard(factory, 0, 1), params)
+            data = load_shard(factory, 0, 1)
+            reference = reference_hessian(job.model, job.loss, data, params,
+                                          callback=every_tenth(op.n_samples, "samples", say))
         say(f"the dense matrix from {op.n} products of unit vectors ...")
-        out = verify(op, k=args.k, tol=args.tol, seed=args.seed, reference=reference, max_n=args.max_n)
+        out = verify(op, k=args.k, tol=args.tol, seed=args.seed, reference=reference, max_n=args.max_n,
+                     callback=every_tenth(op.n, "columns", say))
         out.update(hvps=op.hvps, fpe=op.fpe, seconds=out["dense_seconds"])
         lines = [f"asymmetry ‖M − Mᵀ‖/‖M‖ = {out['asymmetry']:.2e}"]
         if reference is not None:
@@ -126,8 +142,9 @@ def cmd_along(args: argparse.Namespace) -> int:
             source = f"a solve (tol {args.tol})"
 
         def progress(end, i, r):
+            fits = ", ".join(f"{y:.4g} at ±{a}" for a, y in r["fitted_curvature"].items())
             say(f"{end}[{i}] λ = {r['eigenvalue']:.4g}: α* = {r['optimal_step']:.4g}, "
-                f"improvement {r['best_improvement']:.3g}, fits {r['fitted_curvature']}")
+                f"improvement {r['best_improvement']:.3g}, fitted curvature {fits}")
 
         out = along(op, vectors, scales=chosen, points=args.points, scaled=not args.unscaled, xtol=args.xtol,
                     callback=progress)

@@ -120,7 +120,7 @@ def along_vector(op: Operator, theta: np.ndarray, loss0: float, g: np.ndarray, v
                    "line_search_evaluations": search.evaluations}
     else:                                        # gᵀv = 0: the scaled step does not move
         optimal = {"optimal_step": math.nan, "best_improvement": 0.0, "bracketed": False, "line_search_evaluations": 0}
-    return {"eigenvalue": eigenvalue, "slope": slope, "fitted_curvature": dict(zip(map(str, scales), fitted)),
+    return {"eigenvalue": eigenvalue, "slope": slope, "fitted_curvature": dict(zip(map(str, scales), map(float, fitted))),
             **optimal, "loss_evaluations": evaluations, "lines": lines}
 
 
@@ -182,6 +182,7 @@ def plot_along(out: dict, prefix: str) -> list[str]:
             ax.set_title(f"{'top' if end == 'LA' else 'bottom'} eigenvector, λ = {r['eigenvalue']:.3g}, "
                          f"α ∈ ±{line['scale']:g}", fontsize=9)
             ax.set_xlabel("α" + (" (step α·(gᵀv)·v)" if out["scaled"] else " (step α·v)"))
+            ax.xaxis.set_major_locator(plt.MaxNLocator(5))
             ax.legend(fontsize=8)
     save(fig, "lines")
 

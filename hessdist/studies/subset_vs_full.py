@@ -42,28 +42,32 @@ def compare_subset(op: Operator, *, fraction: float = 0.05, k: int = 5, tol: flo
 
 
 def plot_subset(out: dict, path: str) -> None:
-    """PNG: subset against full eigenvalues at each end, and the angles between matching vectors."""
+    """PNG: the k largest and the k smallest eigenvalues, subset against all the data, by index;
+    and the angles between matching eigenvectors."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, end, title in zip(axes, ("LA", "SA"), ("largest", "smallest")):
+        e = out["ends"][end]
+        index = range(1, len(e["full"]) + 1)
+        ax.plot(index, e["full"], "o-", label="all the data")
+        ax.plot(index, e["subset"], "s--", label=f"{100 * out['fraction']:g}% subset")
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xticks(list(index))
+        ax.set_xlabel("index i")
+        ax.set_title(f"the {len(e['full'])} {title} eigenvalues")
+        ax.legend(fontsize=8)
     for end, marker in (("LA", "o"), ("SA", "s")):
         e = out["ends"][end]
-        left.plot(e["full"], e["subset"], marker, ls="", label=f"{end} (k = {len(e['full'])})")
-        right.plot(range(1, len(e["full"]) + 1), e["angle_deg"], marker + "-", label=f"{end}: i-th vs i-th")
-        right.plot(range(1, len(e["full"]) + 1), e["best_match_angle_deg"], marker + ":", label=f"{end}: best match")
-    lo = min(min(out["ends"][e]["full"] + out["ends"][e]["subset"]) for e in ("LA", "SA"))
-    hi = max(max(out["ends"][e]["full"] + out["ends"][e]["subset"]) for e in ("LA", "SA"))
-    left.plot([lo, hi], [lo, hi], color="grey", lw=0.8, label="y = x")
-    left.set_xlabel("eigenvalue, all the data")
-    left.set_ylabel(f"eigenvalue, {100 * out['fraction']:g}% subset")
-    left.set_xscale("symlog", linthresh=max(1e-3, 1e-3 * max(abs(lo), abs(hi))))
-    left.set_yscale("symlog", linthresh=max(1e-3, 1e-3 * max(abs(lo), abs(hi))))
-    left.legend(fontsize=8)
-    right.set_xlabel("index i")
-    right.set_ylabel("angle (degrees)")
-    right.set_ylim(0, 90)
-    right.legend(fontsize=8)
+        index = range(1, len(e["full"]) + 1)
+        axes[2].plot(index, e["angle_deg"], marker + "-", label=f"{end}: i-th vs i-th")
+        axes[2].plot(index, e["best_match_angle_deg"], marker + ":", label=f"{end}: best match")
+    axes[2].set_xticks(list(range(1, out["k"] + 1)))
+    axes[2].set_xlabel("index i")
+    axes[2].set_ylabel("angle between eigenvectors (degrees)")
+    axes[2].set_ylim(0, 90)
+    axes[2].legend(fontsize=8)
     fig.suptitle(f"{out['subset_samples']:,} of {out['samples']:,} samples against all of them")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -44,9 +44,11 @@ def dense_matrix(op: Operator, block: int = 64, callback: Callable[[int], None] 
 
 
 def reference_hessian(model: nn.Module, loss: Any, data: DataLike, params: Sequence[str] | None = None,
-                      batch_size: int = 32) -> np.ndarray:
+                      batch_size: int = 32, callback: Callable[[int], None] | None = None) -> np.ndarray:
     """∇²f(θ) of the full-data mean loss in float64 by ``torch.func.hessian``, summed batch by
-    batch (small batches: the forward-over-reverse Jacobian holds n tangents of a batch)."""
+    batch (small batches: the forward-over-reverse Jacobian holds n tangents of a batch). Costs
+    n tangent passes over the data, about twice to three times n products; ``callback(samples
+    done)`` after each batch."""
     model = copy.deepcopy(model).double().eval()
     layout = ParameterLayout.of(model, params)
     objective = objective_of(loss)
@@ -56,6 +58,8 @@ def reference_hessian(model: nn.Module, loss: Any, data: DataLike, params: Seque
     for batch in load_batches(data, batch_size, dtype=torch.float64, placement="device", pairs=objective.pairs):
         total += torch.func.hessian(lambda t: products.loss_sum(layout.unflatten(t), batch))(theta)
         samples += objective.count(batch)
+        if callback:
+            callback(samples)
     return (total / samples).numpy()
 
 
