@@ -32,6 +32,8 @@ from .params import ParameterLayout
 CURVATURES = ("hessian", "ggn", "empirical-fisher", "residual")
 #: the curvatures built from the model's outputs and a loss of them (the pairs contract), exact modes only
 OUTPUT_CURVATURES = CURVATURES[1:]
+CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "empirical-fisher": "empirical Fisher",
+                   "residual": "residual H − G"}
 MODES = ("auto", "forward", "double-backward", "finite-difference")
 BatchProduct = Callable[[Sequence[torch.Tensor], object, torch.Tensor], torch.Tensor]
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .basis import basis_room
-from .batch_products import CURVATURES, MODES, OUTPUT_CURVATURES, BatchProducts, explained, missing_derivative, no_exact_mode
+from .batch_products import CURVATURE_NAMES, CURVATURES, MODES, OUTPUT_CURVATURES, BatchProducts, explained, missing_derivative, no_exact_mode
 from .compiled import CompiledProduct
 from .data import Batch, Batches, DataLike, StreamedBatches, load_batches, rows, take
 from .errors import InputError, OutOfMemory
@@ -96,7 +96,7 @@ class CurvatureOperator(OperatorChecks, Operator):
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         if curvature in OUTPUT_CURVATURES and mode == "finite-difference":
             raise InputError(f"finite differences of gradients give Hessian products only; "
-                             f"use mode='forward' or 'double-backward' for the {curvature}")
+                             f"use mode='forward' or 'double-backward' for the {CURVATURE_NAMES[curvature]}")
         if compiled and mode == "double-backward":
             raise InputError("torch.compile does not support double backward; use mode='forward' (or 'auto') "
                              "with compiled=True (CLI: --mode forward --compile)")
@@ -118,9 +118,9 @@ class CurvatureOperator(OperatorChecks, Operator):
             self.model.eval()
         self.objective = objective_of(loss)
         if curvature in OUTPUT_CURVATURES and not self.objective.pairs:
-            raise InputError(f"the {curvature} needs the model's outputs and a loss of them: use a loss(outputs, "
-                             "targets) on (inputs, targets) batches (inputs may be a dict for a keyword model), or "
-                             "curvature='hessian' with a BatchLoss")
+            raise InputError(f"the {CURVATURE_NAMES[curvature]} needs the model's outputs and a loss of them: "
+                             "use a loss(outputs, targets) on (inputs, targets) batches (inputs may be a dict "
+                             "for a keyword model), or curvature='hessian' with a BatchLoss")
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
         self.products = BatchProducts(self.model, self.objective, self.layout, dtype)
@@ -162,8 +162,8 @@ class CurvatureOperator(OperatorChecks, Operator):
         if curvature not in CURVATURES:
             raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if curvature in OUTPUT_CURVATURES and (self.mode == "finite-difference" or not self.objective.pairs):
-            raise InputError(f"the {curvature} needs exact products (mode 'forward' or 'double-backward') of a "
-                             "loss(outputs, targets)")
+            raise InputError(f"the {CURVATURE_NAMES[curvature]} needs exact products (mode 'forward' or "
+                             "'double-backward') of a loss(outputs, targets)")
         view = copy.copy(self)
         view.curvature, view.hvps, view.fpe = curvature, 0, 0.0
         if curvature == "empirical-fisher":

@@ -17,6 +17,7 @@ from hessdist.studies.along import along
 from hessdist.studies.decompose import decompose_at
 from hessdist.studies.rank import rank
 from hessdist.studies.subset_vs_full import compare_subset
+from hessdist.studies.verify import verify
 
 from . import helpers
 from .workers_setup import N, data_factory, in_process, lopsided_data, spec
@@ -58,7 +59,7 @@ def test_a_curvature_view_solves_on_sharded_workers_as_in_process(groups):
 
 def test_studies_on_workers_give_the_in_process_numbers(groups):
     """decompose and along on 2 workers: the in-process numbers to float64 rounding; the exact
-    rank's dense matrix against the dense spectrum; subset against the dense Hessians of the
+    rank's dense matrix against the dense spectrum, verify against the dense Hessian; subset against the dense Hessians of the
     samples it keeps and of all of them."""
     dist, local = DistributedOperator(groups[2]), in_process()
     close = functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12)
@@ -70,6 +71,8 @@ def test_studies_on_workers_give_the_in_process_numbers(groups):
     lam = dense_spectrum("hessian")
     close(exact["eigenvalues"], lam, atol=1e-12 * abs(lam).max())
     assert exact["positive"] == (lam > 1e-2 * lam[-1]).sum() and exact["hvps"] == dist.n
+    checked = verify(dist, k=1, seed=0, reference=helpers.dense_hessian(helpers.cnn_bn(), *data_factory()))
+    assert checked["passed"] and checked["product_error"] < 1e-13 and checked["asymmetry"] < 1e-13
     res = lanczos(local, which="LA", k=1, tol=1e-8, seed=1)
     vectors = {"LA": (res.largest.values, res.largest.vectors)}
     a, b = (along(op, vectors, scales=(0.1,), points=5) for op in (dist, local))
