@@ -14,8 +14,9 @@ Inputs, each from a measured JSON file:
 
 Without a GPU figure it reports what it can without one: the work per epoch in full-data
 gradient passes, and the longest full-data gradient pass on one GPU for which a solve still
-fits the minute on W GPUs (products split W ways; collectives and basis work left out — on CPU
-they added 9% at W=1, ray_scaling.json). The bytes each product moves between GPUs are exact.
+fits the minute on W GPUs (products split W ways; collectives and basis work left out — their
+CPU/gloo cost per step and the driver's, which GPUs share, are listed from ray_overhead.json).
+The bytes each product moves between GPUs are exact.
 """
 from __future__ import annotations
 
@@ -60,6 +61,22 @@ def rows(fpe: dict[str, float], ratio: float, product_s: float | None) -> list[d
             for case, f in fpe.items()]
 
 
+def ray_layer(overhead: dict | None) -> dict | None:
+    """The Ray layer per Lanczos step from ray_overhead.json (fixed-duration products, CPU, gloo):
+    the driver's share (Ray calls and the object store: the same on GPUs) and the bytes each rank
+    moves (exact; what NCCL would carry), per W at the n nearest ResNet-18's."""
+    if not overhead:
+        return None
+    n = min({r["n"] for r in overhead["rows"]}, key=lambda m: abs(m - N_PARAMS))
+    rows = {r["workers"]: r for r in sorted(overhead["rows"], key=lambda r: r["workers"]) if r["n"] == n}
+    return {"from": f"ray_overhead.json (n = {n:,}, {overhead['machine']['date']}, {overhead['machine']['cpu_count']} "
+                    "CPU cores, gloo)",
+            "driver_seconds_per_step": {w: r["split_s"]["driver"] for w, r in rows.items()},
+            "cpu_gloo_collectives_seconds_per_step": {w: r["split_s"]["collectives"] for w, r in rows.items()},
+            "cpu_basis_seconds_per_step": {w: r["split_s"]["basis"] for w, r in rows.items()},
+            "gathered_bytes_per_step_per_rank": {w: r["gathered_bytes_per_step_per_rank"] for w, r in rows.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gradient-seconds", type=float,
@@ -85,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                                f"{ep['machine']['date']})",
                    "product_over_gradient": ratio, "product_over_gradient_from": ratio_note,
                    "product_seconds_one_gpu": product_s, "product_seconds_from": product_note},
-        "left_out": "collectives and basis work (CPU: +9% at W=1, ray_scaling.json); data loading; the first "
-                    "call's CUDA warm-up",
+        "left_out": "collectives and basis work on GPUs (measured on CPU/gloo only: ray_layer below); data "
+                    "loading; the first call's CUDA warm-up",
+        "ray_layer": ray_layer(load("ray_overhead")),
         "bytes_between_gpus_per_product": {w: 2 * 8 * N_PARAMS * (w - 1) // w for w in GPUS if w > 1},
         "bytes_note": "reduce-scatter of the partial product + all-gather of the next vector, float64, per GPU",
         "rows": rows(fpe_cases(ep), ratio, product_s)})

@@ -63,10 +63,10 @@ def run(command: str, *options: str) -> dict:
     return json.load(open(path))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--k", type=int, default=10, help="eigenvectors per end for along")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         paths = checkpoints(folder)
