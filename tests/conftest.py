@@ -26,6 +26,18 @@ def pytest_configure(config):
         config.hessdist_shared = os.environ["HESSDIST_TEST_SHARED"] = tempfile.mkdtemp(prefix="hessdist-tests-")
 
 
+#: the slowest files, slowest first (measured: tests/*.py sum of durations). `make test` gives each
+#: of its two processes whole files in collection order; a long file started last leaves the other
+#: process idle while it runs, so they go first (longest-processing-time-first scheduling)
+SLOWEST_FIRST = ("test_workers.py", "test_service.py", "test_worker_failures.py", "test_service_options.py",
+                 "test_cli.py", "test_gpu_suite.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))       # stable: each file stays whole
+
+
 def pytest_unconfigure(config):
     folder = getattr(config, "hessdist_shared", None)
     if folder:
