@@ -19,9 +19,10 @@ demo: install
 	$(BIN)/hessdist eigs --example digits-mlp --which LA,SA --k 3 --json results-digits-mlp.json
 
 # Two pytest processes (pytest-xdist), each test file whole on one of them: the files' Ray
-# clusters and worker groups are set up once per file, as in a serial run.
+# clusters and worker groups are set up once per file, as in a serial run. Files go out in
+# collection order, the slowest first (tests/conftest.py), not xdist's by-test-count order.
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Peer tools for benchmarks/peers.py, without their declared dependencies (see pyproject.toml).
 PEERS := "pyhessian==0.1" "hessian-eigenthings==1.0.0a5" "curvlinops-for-pytorch==3.0.1" einops einconv linear_operator tqdm
