@@ -71,7 +71,7 @@ def test_studies_on_workers_give_the_in_process_numbers(groups):
     lam = dense_spectrum("hessian")
     close(exact["eigenvalues"], lam, atol=1e-12 * abs(lam).max())
     assert exact["positive"] == (lam > 1e-2 * lam[-1]).sum() and exact["hvps"] == dist.n
-    checked = verify(dist, k=1, seed=0, reference=helpers.dense_hessian(helpers.cnn_bn(), *data_factory()))
+    checked = verify(dist, k=1, seed=0, reference=dense("hessian"))
     assert checked["passed"] and checked["product_error"] < 1e-13 and checked["asymmetry"] < 1e-13
     res = lanczos(local, which="LA", k=1, tol=1e-8, seed=1)
     vectors = {"LA": (res.largest.values, res.largest.vectors)}
@@ -103,14 +103,19 @@ def test_lopsided_shards_do_not_hang_and_weight_by_sample(workers):
 
 
 @functools.lru_cache(maxsize=None)
-def dense_spectrum(curvature: str) -> np.ndarray:
+def dense(curvature: str) -> np.ndarray:
+    """The dense float64 ``curvature`` of the workers' problem, built independently."""
     x, y = data_factory()
     model = helpers.cnn_bn()
-    M = {"hessian": lambda: helpers.dense_hessian(model, x, y),
-         "ggn": lambda: helpers.dense_ggn_cross_entropy(model, x, y),
-         "empirical-fisher": lambda: helpers.dense_empirical_fisher(model, x, y),
-         "residual": lambda: helpers.dense_hessian(model, x, y) - helpers.dense_ggn_cross_entropy(model, x, y)}[curvature]()
-    return torch.linalg.eigvalsh(torch.from_numpy(M)).numpy()
+    if curvature == "residual":
+        return dense("hessian") - dense("ggn")
+    return {"hessian": helpers.dense_hessian, "ggn": helpers.dense_ggn_cross_entropy,
+            "empirical-fisher": helpers.dense_empirical_fisher}[curvature](model, x, y)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_spectrum(curvature: str) -> np.ndarray:
+    return torch.linalg.eigvalsh(torch.from_numpy(dense(curvature))).numpy()
 
 
 def assert_same_solve(dist, local, lam):
