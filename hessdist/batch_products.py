@@ -38,6 +38,20 @@ MODES = ("auto", "forward", "double-backward", "finite-difference")
 BatchProduct = Callable[[Sequence[torch.Tensor], object, torch.Tensor], torch.Tensor]
 
 
+def check_curvature(curvature: str, mode: str | None = None, pairs: bool = True) -> None:
+    """Refuse a ``curvature`` that does not exist, or that ``mode`` (when known) or a loss
+    without the pairs contract (``pairs=False``) cannot give."""
+    if curvature not in CURVATURES:
+        raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature in OUTPUT_CURVATURES and mode == "finite-difference":
+        raise InputError(f"finite differences of gradients give Hessian products only; "
+                         f"use mode='forward' or 'double-backward' for the {CURVATURE_NAMES[curvature]}")
+    if curvature in OUTPUT_CURVATURES and not pairs:
+        raise InputError(f"the {CURVATURE_NAMES[curvature]} needs the model's outputs and a loss of them: "
+                         "use a loss(outputs, targets) on (inputs, targets) batches (inputs may be a dict "
+                         "for a keyword model), or curvature='hessian' with a BatchLoss")
+
+
 def missing_derivative(exc: BaseException) -> bool:
     """Whether autograd failed because an operation lacks the derivative a mode needs."""
     text = str(exc)
@@ -114,7 +128,6 @@ class BatchProducts:
             return jvp(lambda q: g(q, b), (p,), (t,))[1]
 
         return self.layout.flatten(vmap(column, randomness="different")(self.layout.unflatten(T)), lead=1)
-
 
     def hessian_double_backward(self, p, b, T):
         q = self.leaves(p)

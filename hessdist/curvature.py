@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .basis import basis_room
-from .batch_products import CURVATURE_NAMES, CURVATURES, MODES, OUTPUT_CURVATURES, BatchProducts, explained, missing_derivative, no_exact_mode
+from .batch_products import (MODES, BatchProducts, check_curvature, explained, missing_derivative,
+                             no_exact_mode)
 from .compiled import CompiledProduct
 from .data import Batch, Batches, DataLike, StreamedBatches, load_batches, rows, take
 from .errors import InputError, OutOfMemory
@@ -90,13 +91,10 @@ class CurvatureOperator(OperatorChecks, Operator):
                  tf32: bool = False, placement: str = "auto", loader_workers: int = 0,
                  data_columns: tuple[str, str] | None = None, compile_width: int = 1,
                  basis_share: float = 0.5):
-        if curvature not in CURVATURES:
-            raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if curvature in OUTPUT_CURVATURES and mode == "finite-difference":
-            raise InputError(f"finite differences of gradients give Hessian products only; "
-                             f"use mode='forward' or 'double-backward' for the {CURVATURE_NAMES[curvature]}")
+        self.objective = objective_of(loss)
+        check_curvature(curvature, mode, self.objective.pairs)
         if compiled and mode == "double-backward":
             raise InputError("torch.compile does not support double backward; use mode='forward' (or 'auto') "
                              "with compiled=True (CLI: --mode forward --compile)")
@@ -116,11 +114,6 @@ class CurvatureOperator(OperatorChecks, Operator):
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype, memory_format=memory_format)
         if eval_mode:
             self.model.eval()
-        self.objective = objective_of(loss)
-        if curvature in OUTPUT_CURVATURES and not self.objective.pairs:
-            raise InputError(f"the {CURVATURE_NAMES[curvature]} needs the model's outputs and a loss of them: "
-                             "use a loss(outputs, targets) on (inputs, targets) batches (inputs may be a dict "
-                             "for a keyword model), or curvature='hessian' with a BatchLoss")
         self.layout = ParameterLayout.of(self.model, params)
         self.n = self.layout.n
         self.products = BatchProducts(self.model, self.objective, self.layout, dtype)
@@ -159,11 +152,7 @@ class CurvatureOperator(OperatorChecks, Operator):
     def with_curvature(self, curvature: str) -> "CurvatureOperator":
         """The same model, data and settings with another ``curvature`` (``decompose`` compares
         H, G, S and the empirical Fisher at one θ without rebuilding anything)."""
-        if curvature not in CURVATURES:
-            raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if curvature in OUTPUT_CURVATURES and (self.mode == "finite-difference" or not self.objective.pairs):
-            raise InputError(f"the {CURVATURE_NAMES[curvature]} needs exact products (mode 'forward' or "
-                             "'double-backward') of a loss(outputs, targets)")
+        check_curvature(curvature, self.mode, self.objective.pairs)
         view = copy.copy(self)
         view.curvature, view.hvps, view.fpe = curvature, 0, 0.0
         if curvature == "empirical-fisher":

@@ -10,14 +10,14 @@ import time
 import numpy as np
 
 from ..operator import Operator
+from ..solvers.certify import angles
 from ..solvers.lanczos import lanczos
 
 
-def angles_deg(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(angle between column i of A and of B, angle between column i of A and its closest column of B), degrees."""
+def best_match_angles(A: np.ndarray, B: np.ndarray) -> list[float]:
+    """For each column of A, the angle (degrees, sign-blind) to its closest column of B."""
     cos = np.abs(A.T @ B) / np.outer(np.linalg.norm(A, axis=0), np.linalg.norm(B, axis=0))
-    cos = np.clip(cos, 0.0, 1.0)
-    return np.degrees(np.arccos(np.diag(cos))), np.degrees(np.arccos(cos.max(axis=1)))
+    return np.degrees(np.arccos(np.clip(cos.max(axis=1), 0.0, 1.0))).tolist()
 
 
 def compare_subset(op: Operator, *, fraction: float = 0.05, k: int = 5, tol: float = 1e-4,
@@ -30,11 +30,11 @@ def compare_subset(op: Operator, *, fraction: float = 0.05, k: int = 5, tol: flo
     ends = {}
     for end in ("LA", "SA"):
         s, f = part.pairs[end], full.pairs[end]
-        same, best = angles_deg(s.vectors, f.vectors)
         ends[end] = {"subset": s.values.tolist(), "full": f.values.tolist(),
                      "difference": (s.values - f.values).tolist(),
                      "relative_difference": ((s.values - f.values) / np.abs(f.values)).tolist(),
-                     "angle_deg": same.tolist(), "best_match_angle_deg": best.tolist(),
+                     "angle_deg": angles(s.vectors, f.vectors),
+                     "best_match_angle_deg": best_match_angles(s.vectors, f.vectors),
                      "converged": [bool(s.converged.all()), bool(f.converged.all())]}
     return {"fraction": fraction, "subset_samples": sub.n_samples, "samples": op.n_samples, "k": k, "tol": tol,
             "ends": ends, "subset_fpe": part.fpe, "full_fpe": full.fpe, "hvps": part.hvps + full.hvps,

@@ -30,6 +30,14 @@ from ..solvers.lanczos import lanczos
 MAX_N = 5000
 
 
+def check_size(n: int, max_n: int = MAX_N) -> None:
+    """Refuse a model too large for a dense matrix, naming the way round."""
+    if n > max_n:
+        raise InputError(f"verify builds the dense {n:,} × {n:,} matrix from {n:,} products and "
+                         f"refuses n > {max_n:,} (--max-n): select a few layers with --params, or raise --max-n "
+                         f"knowing it costs n products and {n ** 2 * 8 / 2**30:.1f} GiB per dense matrix")
+
+
 def dense_matrix(op: Operator, block: int = 64, callback: Callable[[int], None] | None = None) -> np.ndarray:
     """M = [A e₁ … A eₙ] from ``op``'s own products, ``block`` unit vectors per call."""
     M = np.empty((op.n, op.n))
@@ -80,10 +88,7 @@ def verify(op: Operator, *, k: int = 3, tol: float | None = None, seed: int | No
     """Dense checks of ``op`` (see the module docstring); ``reference``: the float64 Hessian from
     :func:`reference_hessian` (None: no reference, e.g. for another curvature). ``tol``: the
     solver's, default 1e-8 for exact (float64) products and 1e-5 for float32 ones."""
-    if op.n > max_n:
-        raise InputError(f"verify builds the dense {op.n:,} × {op.n:,} matrix from {op.n:,} products and "
-                         f"refuses n > {max_n:,} (--max-n): select a few layers with --params, or raise --max-n "
-                         f"knowing it costs n products and {op.n ** 2 * 8 / 2**30:.1f} GiB per dense matrix")
+    check_size(op.n, max_n)
     if not 1 <= k <= op.n // 2:
         raise InputError(f"k must lie in [1, n/2 = {op.n // 2}], got {k}")
     tol = tol if tol is not None else (1e-8 if op.exact else 1e-5)

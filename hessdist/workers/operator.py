@@ -13,7 +13,7 @@ import ray
 import torch
 
 from ..errors import InputError
-from ..batch_products import CURVATURES
+from ..batch_products import check_curvature
 from ..curvature import products_exact
 from ..operator import Operator
 from .sharded_basis import ShardedKrylovBasis
@@ -43,8 +43,7 @@ class DistributedOperator(Operator):
 
     def with_curvature(self, curvature: str) -> "DistributedOperator":
         """The same workers computing another ``curvature`` (see :meth:`CurvatureOperator.with_curvature`)."""
-        if curvature not in CURVATURES:
-            raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        check_curvature(curvature, self.group.spec.mode)      # the loss's contract: checked on the workers
         op = DistributedOperator(self.group, self.fraction, curvature)
         op.group.run("subset_samples", self.fraction, curvature)     # built (and checked) on every worker now
         return op
