@@ -154,7 +154,7 @@ class CurvatureOperator(OperatorChecks, Operator):
         H, G, S and the empirical Fisher at one θ without rebuilding anything)."""
         check_curvature(curvature, self.mode, self.objective.pairs)
         view = copy.copy(self)
-        view.curvature, view.hvps, view.fpe = curvature, 0, 0.0
+        view.curvature, view.hvps, view.fpe, view.rounding_gaps = curvature, 0, 0.0, None
         if curvature == "empirical-fisher":
             view._check_sample_mean()
         view._batch_product = view._product_function(view.mode, view.compiled)

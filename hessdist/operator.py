@@ -34,6 +34,9 @@ class Operator(ABC):
     #: False for float32/TF32/bfloat16 or finite-difference products (solvers then confirm
     #: their answers with real products)
     exact: bool = True
+    #: the inexact-Krylov residual gap the last confirmation measured, per basis precision:
+    #: {dtype: (gap / max|θ|, max|θ|)} (:mod:`hessdist.solvers.rounding`; None before any)
+    rounding_gaps: dict[str, tuple[float, float]] | None = None
     #: samples the products average over (operators without data: 0)
     n_samples: int = 0
     #: processes that each hold a slice of a Krylov basis over this operator

@@ -244,6 +244,79 @@ def test_inexact_products_are_confirmed_with_real_products():
         assert abs(p.values[0] - exact_ith(lam, end, 1)[0]) <= p.residual_norms[0] + 1e-5 * lam[-1]
 
 
+class Float32Dense(DenseOperator):
+    """A dense matrix whose products run in float32 (rounded like a float32 HVP); ``H`` may be
+    replaced between solves, as training replaces the parameters."""
+    exact = False
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return (self.H.float() @ V.float()).double()
+
+
+def sgd_states(steps: int, every: int):
+    """The digits MLP's parameters (float64) every ``every`` full-batch SGD steps, with each
+    state's dense Hessian: a short training trajectory whose spectrum moves."""
+    model, x, y = mlp(), *digits_subset()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    states = []
+    for step in range(steps):
+        if step % every == 0:
+            states.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, dense_hessian(model, x, y)))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return states
+
+
+def test_a_measured_rounding_gap_skips_later_confirmations_and_every_interval_holds():
+    """float32 products along a training trajectory, warm-started solve to solve as the service
+    chains them: the first solve confirms (and measures the rounding gap), the later ones skip
+    their confirmations (no product beyond the run's own), and every interval still holds the
+    dense float64 eigenvalue and every reported residual bounds the float64 one. (A confirmed
+    interval is that of the float32 operator as computed: it holds the float64 value to within
+    the products' own rounding, the gap.)"""
+    states = sgd_states(steps=40, every=10)
+    op = CurvatureOperator(mlp(), "cross_entropy", digits_subset(), dtype=torch.float32, batch_size=64)
+    previous = None
+    for i, (state, H) in enumerate(states):
+        op.set_parameters(state)
+        res = solve(op, previous=previous, rtol={"LA": 1e-2, "SA": 5e-2}, seed=i).result
+        previous = {w: p.vectors for w, p in res.pairs.items()}
+        lam = np.linalg.eigvalsh(H)
+        if i == 0:
+            assert res.confirm_hvps == 2 and res.rounding_gap is None and op.rounding_gaps
+            assert all(why.startswith("confirmed") for why in res.confirmation.values())
+        else:
+            assert res.confirm_hvps == 0 and res.rounding_gap > 0, res.confirmation
+            assert all(why.startswith("skipped") for why in res.confirmation.values())
+        ratio, _ = op.rounding_gaps["torch.float64"]
+        slack = 0.0 if i else ratio * abs(lam).max()
+        for end, p in res.pairs.items():
+            truth = lam[-1] if end == "LA" else lam[0]
+            assert p.intervals[0, 0] - slack <= truth <= p.intervals[0, 1] + slack, (i, end, p.intervals, truth)
+            x = p.vectors[:, 0]
+            assert np.linalg.norm(H @ x - p.values[0] * x) <= p.residual_norms[0] + slack
+
+
+def test_a_target_near_the_rounding_level_is_confirmed_and_the_gap_is_measured_again():
+    """An end whose target lies within the safety factor of the measured gap is confirmed with
+    a real product, the other end may still skip; a spectrum that moved beyond the scale window
+    is confirmed whatever its target."""
+    _, H = float32_mlp()
+    op = Float32Dense(H)
+    lanczos(op, which="LA,SA", rtol=1e-2, seed=0)
+    ratio, _ = op.rounding_gaps["torch.float64"]
+    res = lanczos(op, which="LA,SA", rtol={"LA": 3 * ratio, "SA": 1e-2}, seed=1)
+    assert res.confirmation["LA"].startswith("confirmed: not met") and res.confirmation["SA"].startswith("skipped")
+    assert res.confirm_hvps == 1
+    op.H = op.H * 1.5                                  # inside the window: the measurement carries over
+    assert lanczos(op, which="LA,SA", rtol=1e-2, seed=2).confirm_hvps == 0
+    op.H = op.H * 3.0                                  # 4.5x the measured scale: measured again
+    res = lanczos(op, which="LA,SA", rtol=1e-2, seed=3)
+    assert res.confirm_hvps == 2 and res.rounding_gap is None
+    assert op.rounding_gaps["torch.float64"][1] == pytest.approx(4.5 * abs(np.linalg.eigvalsh(H)).max(), rel=1e-4)
+
+
 # -- the subset path on a data set large enough for it (23,361 real digits images) ----------------
 @functools.lru_cache(maxsize=None)
 def shifted_problem():

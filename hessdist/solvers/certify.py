@@ -113,6 +113,7 @@ def subset_search(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA
                          seconds=time.perf_counter() - t0, stop_reason=full.stop_reason,
                          confidence=full.confidence, restarts=found.restarts + full.restarts, krylov_degree=None,
                          seed=found.seed, accuracy=full.accuracy, confirm_hvps=full.confirm_hvps,
+                         confirmation=full.confirmation, rounding_gap=full.rounding_gap,
                          recoveries=found.recoveries + full.recoveries,
                          products_redone=found.products_redone + full.products_redone,
                          basis_peak_bytes=max(found.basis_peak_bytes, full.basis_peak_bytes))

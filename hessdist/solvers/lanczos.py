@@ -11,7 +11,9 @@ to rounding when products are exact (float64), because every product is re-ortho
 against the whole basis. When they are not (float32, TF32, bfloat16, finite differences), the
 returned pairs are confirmed with real products before they are reported (one per pair, kept
 back within ``max_hvps``/``max_fpe``/``budget_s``; when those leave no room, the projected
-residuals are reported and ``confirm_hvps`` is 0).
+residuals are reported and ``confirm_hvps`` is 0) — unless the rounding gap an earlier
+confirmation measured on the same operator, added to every residual, still meets the accuracy
+(:mod:`hessdist.solvers.rounding`); ``confirmation`` in the result says, per end, which.
 
 What is certain and what is probable: see :mod:`hessdist.solvers.ritz`. From a start block that
 held a random vector, :mod:`hessdist.solvers.limits` adds a ``limit``: with probability ≥
@@ -33,6 +35,7 @@ from ..basis import BasisLost, KrylovBasis
 from ..errors import InputError, WorkerError
 from ..operator import Operator
 from .results import EigenPairs, EigenResult
+from . import rounding
 from .limits import StartKrylov
 from .ritz import Accuracy, Rtol, end_pairs, parse_which, rayleigh_ritz, select
 
@@ -278,9 +281,10 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
                 if callback is not None:
                     callback({"hvps": hvps, "fpe": op.fpe - fpe0, "seconds": time.perf_counter() - t0,
                               **{w: (ritz.theta[idx], ritz.residuals[idx]) for w, idx in picked.items()}})
+                gap = None if exact else rounding.allowance(op, basis_dtype, ritz.scale)
                 if run.e >= min(n, k * len(ends)) and all(
-                        idx.size == k and bool((accuracy.met(w, ritz.theta[idx], ritz.residuals[idx], ritz.scale)
-                                                != "").all()) for w, idx in picked.items()) \
+                        idx.size == k and _done(accuracy, w, ritz.theta[idx], ritz.residuals[idx], ritz.scale, gap)
+                        for w, idx in picked.items()) \
                         and (v0 is not None or run.far_sides_met(picked, accuracy, delta)):
                     reason = "converged"
                     break
@@ -305,31 +309,77 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
         raise InputError(f"no product fits the limits (budget_s={budget_s}, max_hvps={max_hvps}, max_fpe={max_fpe})")
     limit = {w: run.start.limit(w, n, delta) if run.start is not None and w != "LM" else None for w in ends}
     picked = {w: select(ritz.theta, w, k) for w in ends}
-    confirm = limits.reserve > 0
-    pairs = {w: end_pairs(w, ritz.theta, ritz.residuals, idx, accuracy, ritz.scale, limit[w],
-                          basis.combine(ritz.Y[:, idx]) if return_vectors or confirm else None)
+    gap = None if exact else rounding.allowance(op, basis_dtype, ritz.scale)
+    residuals = ritz.residuals + (gap or 0.0)
+    pairs = {w: end_pairs(w, ritz.theta, residuals, idx, accuracy, ritz.scale, limit[w],
+                          basis.combine(ritz.Y[:, idx]) if return_vectors or limits.reserve else None)
              for w, idx in picked.items()}
+    confirm, confirmation = _confirmation_plan(pairs, exact, gap, limits.reserve > 0)
+    if gap is not None:
+        pairs = {w: p if w in confirm else rounding.widen_certain_side(p, gap) for w, p in pairs.items()}
     confirm_hvps = 0
     if confirm:                   # residuals from real products: the projection cannot see their error
-        pairs, confirm_hvps = _confirm(op, pairs, ends, k, accuracy, limit, return_vectors)
+        checked, confirm_hvps = _confirm(op, run, {w: picked[w] for w in confirm}, pairs, k, accuracy, limit,
+                                         basis_dtype)
+        pairs = {**pairs, **checked}
         if reason == "converged" and not all(p.converged.all() for p in pairs.values()):
             reason = "precision"
+    if not return_vectors:
+        pairs = {w: dataclasses.replace(p, vectors=None) for w, p in pairs.items()}
     return EigenResult(pairs=pairs, hvps=hvps + confirm_hvps, fpe=op.fpe - fpe0,
                        seconds=time.perf_counter() - t0, stop_reason=reason, confidence=confidence,
                        restarts=run.restarts, krylov_degree=run.degree, seed=seed, accuracy=accuracy.to_dict(),
-                       confirm_hvps=confirm_hvps, recoveries=recoveries, products_redone=redone,
+                       confirm_hvps=confirm_hvps, confirmation=confirmation, rounding_gap=gap,
+                       recoveries=recoveries, products_redone=redone,
                        basis_peak_bytes=peak, projected=run.C[: basis.size, :run.e].copy())
 
 
-def _confirm(op: Operator, pairs: dict[str, EigenPairs], ends: tuple[str, ...], k: int, accuracy: Accuracy,
-             limit: dict, return_vectors: bool) -> tuple[dict[str, EigenPairs], int]:
-    """A Rayleigh–Ritz step over the returned vectors with real products: the values, vectors
-    and residuals reported are those of the operator as computed. Returns (pairs, products)."""
+def _done(accuracy: Accuracy, which: str, theta: np.ndarray, residuals: np.ndarray, scale: float,
+          gap: float | None) -> bool:
+    """Whether these pairs are done. With a measured rounding ``gap``, a pair whose target
+    allows twice the gap runs on until it is met with the gap added (a product or two more
+    instead of a confirming one); below that it stops on its projected residual and is confirmed."""
+    met = accuracy.met(which, theta, residuals, scale) != ""
+    if gap is not None:
+        skippable = accuracy.met(which, theta, np.full_like(residuals, 2 * gap), scale) != ""
+        met = np.where(skippable, accuracy.met(which, theta, residuals + gap, scale) != "", met)
+    return bool(met.all())
+
+
+def _confirmation_plan(pairs: dict[str, EigenPairs], exact: bool, gap: float | None,
+                       room: bool) -> tuple[list[str], dict[str, str]]:
+    """The ends to confirm with real products, and for every end why (or why not)."""
+    confirm, why = [], {}
+    for w, p in pairs.items():
+        if exact:
+            why[w] = "not needed: exact products and basis (the projected residuals are true)"
+        elif not room:
+            why[w] = "not confirmed: the limits left no product for it (projected residuals reported)"
+        elif gap is not None and p.converged.all():
+            why[w] = (f"skipped: met with the rounding gap ({rounding.SAFETY:g} x the measured one, "
+                      f"{gap:.3g}) added to each residual")
+        else:
+            confirm.append(w)
+            why[w] = ("confirmed: no rounding gap measured on this operator at this scale" if gap is None
+                      else f"confirmed: not met with the rounding gap ({gap:.3g}) added")
+    return confirm, why
+
+
+def _confirm(op: Operator, run: _Run, picked: dict[str, np.ndarray], pairs: dict[str, EigenPairs], k: int,
+             accuracy: Accuracy, limit: dict, basis_dtype: torch.dtype) -> tuple[dict[str, EigenPairs], int]:
+    """A Rayleigh–Ritz step over the ends' returned vectors with real products: the values,
+    vectors and residuals reported are those of the operator as computed. The products are
+    also compared with what the projection predicts for them (Q C y), which measures the
+    rounding gap for later solves (:mod:`hessdist.solvers.rounding`). Returns (pairs, products)."""
+    ends = tuple(picked)
     X = np.column_stack([pairs[w].vectors for w in ends])
-    checked = rayleigh_ritz(op, X, ends, k, accuracy=accuracy, limits=limit)
-    if not return_vectors:
-        return {w: dataclasses.replace(p, vectors=None) for w, p in checked.pairs.items()}, checked.hvps
-    return checked.pairs, checked.hvps
+    AX = np.asarray(op.matmat(X))
+    m = run.basis.size
+    Y = run.ritz.Y[:, np.concatenate([picked[w] for w in ends])]
+    predicted = run.basis.combine(run.C[:m, :run.e] @ Y)
+    rounding.measure(op, basis_dtype, np.linalg.norm(AX - predicted, axis=0), run.ritz.scale)
+    checked = rayleigh_ritz(op, X, ends, k, accuracy=accuracy, limits=limit, AX=AX, scale=run.ritz.scale)
+    return checked.pairs, len(ends) * k
 
 
 def _thick_restart(basis: KrylovBasis, C: np.ndarray, ritz: RitzState, e: int, ends: tuple[str, ...],

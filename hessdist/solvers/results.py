@@ -55,7 +55,10 @@ class EigenResult:
     accuracy the projection reported: the products' precision limits the answer). ``seed`` is the
     random seed the run drew (pass it back to repeat the run). ``recoveries``: times a basis on
     lost workers was rebuilt from the last checkpoint, with ``products_redone`` products lost;
-    ``basis_peak_bytes``: the most memory the basis took per process holding a part of it."""
+    ``basis_peak_bytes``: the most memory the basis took per process holding a part of it.
+    ``confirmation``: per end, whether its pairs were confirmed with real products and why;
+    ``rounding_gap``: what was added to every projected residual for the products' rounding
+    (None: nothing, the pairs were confirmed or the products are exact)."""
 
     pairs: dict[str, EigenPairs]
     hvps: int
@@ -68,6 +71,8 @@ class EigenResult:
     seed: int | None = None
     accuracy: dict = field(default_factory=dict)
     confirm_hvps: int = 0
+    confirmation: dict[str, str] = field(default_factory=dict)
+    rounding_gap: float | None = None
     recoveries: int = 0
     products_redone: int = 0
     basis_peak_bytes: int = 0
@@ -101,6 +106,7 @@ class EigenResult:
         out.update(converged=self.converged, stop_reason=self.stop_reason, hvps=self.hvps, fpe=self.fpe,
                    seconds=self.seconds, confidence=self.confidence, restarts=self.restarts,
                    krylov_degree=self.krylov_degree, seed=self.seed, accuracy=self.accuracy,
-                   confirm_hvps=self.confirm_hvps, recoveries=self.recoveries, products_redone=self.products_redone,
+                   confirm_hvps=self.confirm_hvps, confirmation=self.confirmation, rounding_gap=self.rounding_gap,
+                   recoveries=self.recoveries, products_redone=self.products_redone,
                    basis_peak_bytes=self.basis_peak_bytes)
         return out

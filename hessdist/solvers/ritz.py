@@ -146,21 +146,24 @@ def end_pairs(which: str, theta: np.ndarray, residuals: np.ndarray, idx: np.ndar
 
 def rayleigh_ritz(op: Operator, X: np.ndarray, which: Union[str, Sequence[str]] = ("LA", "SA"), k: int = 1,
                   tol: float | None = None, rtol: Rtol = None, accuracy: Accuracy | None = None,
-                  limits: Mapping[str, float | None] | None = None) -> EigenResult:
+                  limits: Mapping[str, float | None] | None = None, AX: np.ndarray | None = None,
+                  scale: float = 0.0) -> EigenResult:
     """Ritz pairs of ``op`` in span(X) with their true residuals, from one product per column
-    of X (counted in ``hvps`` and ``fpe``). The values are those of ``op`` itself, so the
-    Rayleigh–Ritz side of every interval is certain whatever X was found on. ``limits``: a
-    probabilistic "nothing beyond" per end from the run that found X, passed through."""
+    of X (counted in ``hvps`` and ``fpe``; ``AX``: those products, already computed). The values
+    are those of ``op`` itself, so the Rayleigh–Ritz side of every interval is certain whatever X
+    was found on. ``limits``: a probabilistic "nothing beyond" per end from the run that found X,
+    passed through. ``scale``: ‖A‖ as known beyond span(X), for ``tol`` (at least max|θ| here)."""
     t0, hvps0, fpe0 = time.perf_counter(), op.hvps, op.fpe
     ends = parse_which(which)
     accuracy = accuracy or Accuracy.of(tol, rtol, ends)
-    Q, _ = np.linalg.qr(np.asarray(X, dtype=np.float64))
-    AQ = np.asarray(op.matmat(Q))
+    X = np.asarray(X, dtype=np.float64)
+    Q, R = np.linalg.qr(X)
+    AQ = np.asarray(op.matmat(Q)) if AX is None else np.linalg.solve(R.T, np.asarray(AX).T).T   # A X R⁻¹
     T = Q.T @ AQ
     theta, Y = np.linalg.eigh((T + T.T) / 2)
     vectors = Q @ Y
     residuals = np.linalg.norm(AQ @ Y - vectors * theta, axis=0)
-    scale = float(np.abs(theta).max())
+    scale = max(scale, float(np.abs(theta).max()))
     pairs = {}
     for w in ends:
         idx = select(theta, w, k)
