@@ -55,6 +55,7 @@ from .epochs import RTOL
 
 TIGHT = {"LA": 1e-5, "SA": 1e-4}        # what epochs.py's reference asks: above the float32 floor
 SUBSET = 0.15                           # the best of 15%, 25%, 40% in a first try on this loop
+TURNOVER = 0.5                          # |cos| to the previous epoch's vector below which an end "turned over"
 MISS = 1e-5                             # a miss beyond float32 rounding (~1e-7·‖H‖): by this ·‖H‖
 
 
@@ -77,6 +78,13 @@ def train(epochs: int, width: int, lr: float = 0.05, batch: int = 64) -> tuple[n
         model.eval()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, states, (x, y)
+
+
+def holds(pairs, ref) -> bool:
+    """Whether the extreme pair's interval meets the reference's (its value to within its own,
+    much tighter, interval)."""
+    (lo, hi), (ref_lo, ref_hi) = pairs.intervals[0], ref.intervals[0]
+    return bool(lo <= ref_hi and ref_lo <= hi)
 
 
 def vectors(res) -> dict[str, np.ndarray]:
@@ -131,7 +139,16 @@ def summarise(rows: list[dict]) -> dict:
     the oracle stop's products, without confirmations, over the peer's FPE."""
     later = rows[1:]
     summary: dict = {f"median_fpe_after_first_{n}": statistics.median(r[n]["fpe"] for r in later) if later else None
-                     for n in ("cold", "warm", "oracle", "warm_subset")}
+                     for n in ("cold", "warm", "warm_sa_restart", "oracle", "warm_subset")}
+    for n in ("cold", "warm", "warm_sa_restart"):
+        summary[f"worst_fpe_after_first_{n}"] = max((r[n]["fpe"] for r in later), default=None)
+    summary["intervals_missing_the_reference"] = [
+        {"epoch": r["epoch"], "run": n, "end": w} for r in rows for n in ("cold", "warm", "warm_sa_restart", "oracle",
+                                                                         "warm_subset")
+        if n in r for w, ok in r[n]["interval_holds_reference"].items() if not ok]
+    gaps = [r["rounding_gap"]["measured_here"] for r in rows]
+    summary["rounding_gap_ratio_spread"] = max(gaps) / min(gaps)
+    summary["confirmations_skipped_warm"] = sum(r["warm"]["confirm_hvps"] == 0 for r in later)
     for name in ("cold", "warm"):
         steps = [r["stopping_steps"][name] for r in later]
         summary[f"median_products_after_first_{name}_oracle_stop"] = statistics.median(
@@ -168,27 +185,41 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     model, states, data = train(args.epochs, args.width)
     op = CurvatureOperator(model, "cross_entropy", data, batch_size=512, mode="auto", dtype=torch.float32)
-    rows, warm_prev, ref_prev, t0 = [], None, None, time.perf_counter()
+    rows, warm_prev, restart_prev, restart_turnover, ref_prev = [], None, None, {}, None
+    t0, chained = time.perf_counter(), None
     for epoch, state in enumerate(states, start=1):
         op.set_parameters(state)
+        op.rounding_gaps = None            # the reference confirms, measuring this epoch's gap ...
         ref = lanczos(op, which="LA,SA", rtol=TIGHT, tol=1e-9, seed=10_000 + epoch, max_hvps=300)
+        gap_here = op.rounding_gaps["torch.float64"][0]
+        chained = chained or op.rounding_gaps
+        op.rounding_gaps = chained         # ... the solves see the first epoch's, as a service would
         exact = vectors(ref)
         cold = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch)
         warm = cold if warm_prev is None else lanczos(
             op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(warm_prev, op.n, epoch))
+        turned = [w for w in ("SA",) if restart_turnover.get(w, 1.0) < TURNOVER]
+        restart = cold if restart_prev is None else lanczos(
+            op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(restart_prev, op.n, epoch, turned))
+        restart_turnover = {} if restart_prev is None else {
+            w: float(abs(restart_prev[w][:, 0] @ restart.pairs[w].vectors[:, 0])) for w in ("LA", "SA")}
         oracle = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(exact, op.n, epoch))
         subset = None if warm_prev is None else subset_search(
             op, which="LA,SA", rtol=RTOL, fraction=SUBSET, previous=warm_prev, seed=epoch).result
-        warm_prev = vectors(warm)
+        warm_prev, restart_prev = vectors(warm), vectors(restart)
         row = {"epoch": epoch, "lambda_max": float(ref.largest.values[0]), "lambda_min": float(ref.smallest.values[0]),
                "reference_converged": ref.converged,
                "ratio_max_over_abs_min": float(ref.largest.values[0] / abs(ref.smallest.values[0])),
                "overlap_with_previous_epoch": None if ref_prev is None else {
                    w: float(abs(ref_prev[w][:, 0] @ exact[w][:, 0])) for w in ("LA", "SA")},
+               "rounding_gap": {"measured_here": gap_here, "used": chained["torch.float64"][0]},
+               "sa_restarted": bool(turned),
                **{name: {"fpe": r.fpe, "converged": r.converged, "confirm_hvps": r.confirm_hvps,
                          "relative_error": {w: float(abs(r.pairs[w].values[0] - ref.pairs[w].values[0])
-                                                    / abs(ref.pairs[w].values[0])) for w in ("LA", "SA")}}
-                  for name, r in (("cold", cold), ("warm", warm), ("oracle", oracle), ("warm_subset", subset))
+                                                    / abs(ref.pairs[w].values[0])) for w in ("LA", "SA")},
+                         "interval_holds_reference": {w: holds(r.pairs[w], ref.pairs[w]) for w in ("LA", "SA")}}
+                  for name, r in (("cold", cold), ("warm", warm), ("warm_sa_restart", restart), ("oracle", oracle),
+                                  ("warm_subset", subset))
                   if r is not None},
                "stopping_steps": {name: stopping_steps(r.projected, ref) for name, r in (("cold", cold), ("warm", warm))
                                   if name == "cold" or warm is not cold},
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         ref_prev = exact
         rows.append(row)
         print({k: row[k] for k in ("epoch", "ratio_max_over_abs_min", "overlap_with_previous_epoch")},
-              {n: row[n]["fpe"] for n in ("cold", "warm", "oracle", "warm_subset") if n in row},
+              {n: row[n]["fpe"] for n in ("cold", "warm", "warm_sa_restart", "oracle", "warm_subset") if n in row},
               row["wrong_stop_margin"], flush=True)
         summary = summarise(rows)
         write("warm_chain", {"config": {**vars(args), "n_params": op.n, "n_samples": op.n_samples, "rtol": RTOL,

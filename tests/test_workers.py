@@ -164,21 +164,31 @@ def test_sharded_ggn_and_lopsided_shards_match_in_process():
 def test_float32_products_gather_float32_vectors_and_match_in_process():
     """float32 products on a sharded float64 basis: the all-gather sends the vectors in float32,
     the precision the product reads them in (half the bytes), and the solve still matches the
-    in-process float32 solve and the dense eigenvalues to float32 accuracy."""
+    in-process float32 solve and the dense eigenvalues to float32 accuracy. The first solve's
+    confirmations measure the rounding gap on the driver's operator; the next solve skips them,
+    on the workers as in-process, and its intervals hold the dense eigenvalues."""
     lam = dense_spectrum("hessian")
     group = WorkerGroup(spec(dtype="float32"), 2, collective_timeout_s=30)
     try:
         op = DistributedOperator(group)
         dist = lanczos(op, which="LA,SA", k=2, rtol=1e-4, seed=5, return_vectors=False)
+        dist_next = lanczos(op, which="LA,SA", k=2, rtol=1e-3, seed=6, return_vectors=False)
         basis = op.krylov_basis(capacity=4)
         basis.add_start(np.random.default_rng(0).standard_normal(op.n))
         basis.expand(0)
         gathered = [s["gathered_bytes"] for s in group.run("basis_seconds", basis.id)]
     finally:
         group.shutdown()
-    local = lanczos(CurvatureOperator(helpers.cnn_bn(), "cross_entropy", data_factory(), batch_size=32,
-                                      dtype=torch.float32), which="LA,SA", k=2, rtol=1e-4, seed=5)
-    assert dist.converged and local.converged
+    local_op = CurvatureOperator(helpers.cnn_bn(), "cross_entropy", data_factory(), batch_size=32, dtype=torch.float32)
+    local = lanczos(local_op, which="LA,SA", k=2, rtol=1e-4, seed=5)
+    local_next = lanczos(local_op, which="LA,SA", k=2, rtol=1e-3, seed=6)
+    assert dist.converged and local.converged and dist_next.converged
+    assert dist.confirm_hvps == local.confirm_hvps == 4 and dist_next.confirm_hvps == local_next.confirm_hvps == 0
+    (ratio, _), (local_ratio, _) = op.rounding_gaps["torch.float64"], local_op.rounding_gaps["torch.float64"]
+    assert 0.1 < ratio / local_ratio < 10 and ratio < 1e-5
+    for end, truth in (("LA", lam[::-1][:2]), ("SA", lam[:2])):
+        lo, hi = dist_next.pairs[end].intervals.T
+        assert ((lo <= truth) & (truth <= hi)).all(), (end, lo, hi, truth)
     for end, truth in (("LA", lam[::-1][:2]), ("SA", lam[:2])):
         np.testing.assert_allclose(dist.pairs[end].values, local.pairs[end].values, rtol=1e-4)
         np.testing.assert_allclose(dist.pairs[end].values, truth, rtol=2e-4)
