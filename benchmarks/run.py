@@ -304,10 +304,10 @@ def warm_chain_table(wc: dict) -> list[str]:
     out = [f"### Warm starts along the loop, and their floor: {c['data']}, ResNet ({c['n_params']:,} parameters), "
            f"in-process, rtol {c['rtol']} ({wc['machine']['date']})", "",
            "| epoch | λ_max/\|λ_min\| | eigenvector overlap with the previous epoch (LA, SA) | FPE cold | FPE warm "
-           "(hessdist) | FPE warm + subset search | FPE from this epoch's own eigenvectors (floor) | least rtol that "
+           "(hessdist) | FPE warm, SA restarted where it turned over (measured, not kept) | warm interval holds the reference (LA, SA) | FPE warm + subset search | FPE from this epoch's own eigenvectors (floor) | least rtol that "
            "would have stopped wrong (LA, SA) | warm run's products: taken before confirming / where an oracle "
            "would have stopped / where Kato–Temple would have |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+           "| ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |"]
     for r in wc["rows"]:
         o, sub = r["overlap_with_previous_epoch"], r.get("warm_subset")
         least = {w: min((m[w] for m in r.get("wrong_stop_margin", {}).values() if m[w] is not None), default=None)
@@ -315,6 +315,10 @@ def warm_chain_table(wc: dict) -> list[str]:
         out.append(f"| {r['epoch']} | {r['ratio_max_over_abs_min']:.0f} | "
                    + (f"{o['LA']:.3f}, {o['SA']:.3f}" if o else "—")
                    + f" | {r['cold']['fpe']:.0f} | {r['warm']['fpe']:.0f} | "
+                   + (f"{r['warm_sa_restart']['fpe']:.0f}" + (" (restarted)" if r["sa_restarted"] else "")
+                      if "warm_sa_restart" in r else "—") + " | "
+                   + (", ".join("yes" if r["warm"]["interval_holds_reference"][w] else "**no**" for w in ("LA", "SA"))
+                      if "interval_holds_reference" in r["warm"] else "—") + " | "
                    + (f"{sub['fpe']:.2f}" if sub else "—") + f" | {r['oracle']['fpe']:.0f} | "
                    + ", ".join("—" if least[w] is None else f"{least[w]:.3g}" for w in ("LA", "SA")) + " | "
                    + _stops(r.get("stopping_steps", {}).get("warm" if r["epoch"] > 1 else "cold")) + " |")

@@ -28,6 +28,18 @@ value's interval edge, which holds only if nothing below b was missed, and wheth
 Against ``epochs.json``'s best peer on the same checkpoints, the oracle stop's products give the
 least FPE ratio any stopping rule could reach from these starts.
 
+Also ``warm_sa_restart``: the warm start with λ_min's previous vector replaced by a random
+direction of the same weight wherever it had turned over the epoch before (|cos| < ``TURNOVER``
+between that run's start vector and its answer). Measured 2026-12-07: a median of 14 FPE
+after the first epoch against 11 for the plain warm start, the worst epoch 22 against 19, and
+the same miss at epoch 10 — not kept in hessdist.
+
+Also the rounding gap (:mod:`hessdist.solvers.rounding`): each epoch's reference is made to
+confirm, measuring that epoch's gap (``measured_here``; its spread over the epochs is the
+margin behind ``SAFETY``), while the other runs see the first epoch's measurement, as a
+service would after its first solve (``used``); ``interval_holds_reference`` checks each run's
+extreme intervals against the reference's.
+
 Also per epoch: the overlap |cos| between consecutive epochs' eigenvectors (tight solves) and
 λ_max/|λ_min|, which together say where between the oracle and the cold cost a warm start
 lands. Full-data product equivalents (FPE) throughout; 2 CPU cores (no GPU needed: counts).
@@ -78,6 +90,16 @@ def train(epochs: int, width: int, lr: float = 0.05, batch: int = 64) -> tuple[n
         model.eval()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, states, (x, y)
+
+
+def sa_restart_vector(previous: dict[str, np.ndarray], n: int, seed: int, turned: list[str]) -> np.ndarray:
+    """The warm start with the ends in ``turned`` left out for a random unit direction of the
+    same weight (an end whose vector turned over last epoch restarts as a cold one would)."""
+    if not turned:
+        return warm_start_vector(previous, n, seed)
+    kept = sum(v[:, 0] / np.linalg.norm(v[:, 0]) for w, v in previous.items() if w not in turned)
+    noise = np.random.default_rng(seed).standard_normal(n)
+    return kept / np.linalg.norm(kept) + noise / np.linalg.norm(noise)
 
 
 def holds(pairs, ref) -> bool:
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(warm_prev, op.n, epoch))
         turned = [w for w in ("SA",) if restart_turnover.get(w, 1.0) < TURNOVER]
         restart = cold if restart_prev is None else lanczos(
-            op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(restart_prev, op.n, epoch, turned))
+            op, which="LA,SA", rtol=RTOL, seed=epoch, v0=sa_restart_vector(restart_prev, op.n, epoch, turned))
         restart_turnover = {} if restart_prev is None else {
             w: float(abs(restart_prev[w][:, 0] @ restart.pairs[w].vectors[:, 0])) for w in ("LA", "SA")}
         oracle = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(exact, op.n, epoch))
