@@ -5,7 +5,11 @@ float32 products, confirmations counted) four ways:
 
 * ``cold``: a random start;
 * ``warm``: hessdist's warm start (the sum of the previous epoch's *warm-solved* eigenvectors
-  plus a little noise), chained epoch to epoch as the eigen-service chains it;
+  plus a random part of equal weight, :class:`~hessdist.solvers.lanczos.WarmStart`), chained
+  epoch to epoch as the eigen-service chains it, certified as a cold start is: it waits for
+  the random part's far side;
+* ``warm_unchecked``: the same start vector given as a plain ``v0`` (no far side waited for),
+  chained on its own answers — what hessdist did before 2026-12-07: it stops on the residuals;
 * ``oracle``: started from this epoch's own eigenvectors (from a tight solve, not counted) — the
   floor no warm start can beat: the products that certify an answer already in hand;
 * ``warm_subset``: the warm start's vectors searched on a fixed 15% of the data first, then
@@ -28,11 +32,12 @@ value's interval edge, which holds only if nothing below b was missed, and wheth
 Against ``epochs.json``'s best peer on the same checkpoints, the oracle stop's products give the
 least FPE ratio any stopping rule could reach from these starts.
 
-Also ``warm_sa_restart``: the warm start with λ_min's previous vector replaced by a random
-direction of the same weight wherever it had turned over the epoch before (|cos| < ``TURNOVER``
-between that run's start vector and its answer). Measured 2026-12-07: a median of 14 FPE
-after the first epoch against 11 for the plain warm start, the worst epoch 22 against 19, and
-the same miss at epoch 10 — not kept in hessdist.
+Measured 2026-12-07 and not kept (the variant is gone from this file): restarting λ_min's
+end from a random direction wherever its vector had turned over the epoch before (|cos| < 0.5
+between that run's start vector and its answer), without a far side: a median of 14 FPE after
+the first epoch against 11 for the unchecked warm start, the worst 22 against 19, and the same
+miss at epoch 10. A random part of weight 1e-3 instead of 1 (the first form of ``WarmStart``)
+cost 17–30 FPE on epochs 2–5 against 13–23.
 
 Also the rounding gap (:mod:`hessdist.solvers.rounding`): each epoch's reference is made to
 confirm, measuring that epoch's gap (``measured_here``; its spread over the epochs is the
@@ -67,7 +72,7 @@ from .epochs import RTOL
 
 TIGHT = {"LA": 1e-5, "SA": 1e-4}        # what epochs.py's reference asks: above the float32 floor
 SUBSET = 0.15                           # the best of 15%, 25%, 40% in a first try on this loop
-TURNOVER = 0.5                          # |cos| to the previous epoch's vector below which an end "turned over"
+RUNS = ("cold", "warm", "warm_unchecked", "oracle", "warm_subset")
 MISS = 1e-5                             # a miss beyond float32 rounding (~1e-7·‖H‖): by this ·‖H‖
 
 
@@ -90,16 +95,6 @@ def train(epochs: int, width: int, lr: float = 0.05, batch: int = 64) -> tuple[n
         model.eval()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return model, states, (x, y)
-
-
-def sa_restart_vector(previous: dict[str, np.ndarray], n: int, seed: int, turned: list[str]) -> np.ndarray:
-    """The warm start with the ends in ``turned`` left out for a random unit direction of the
-    same weight (an end whose vector turned over last epoch restarts as a cold one would)."""
-    if not turned:
-        return warm_start_vector(previous, n, seed)
-    kept = sum(v[:, 0] / np.linalg.norm(v[:, 0]) for w, v in previous.items() if w not in turned)
-    noise = np.random.default_rng(seed).standard_normal(n)
-    return kept / np.linalg.norm(kept) + noise / np.linalg.norm(noise)
 
 
 def holds(pairs, ref) -> bool:
@@ -161,17 +156,16 @@ def summarise(rows: list[dict]) -> dict:
     the oracle stop's products, without confirmations, over the peer's FPE."""
     later = rows[1:]
     summary: dict = {f"median_fpe_after_first_{n}": statistics.median(r[n]["fpe"] for r in later) if later else None
-                     for n in ("cold", "warm", "warm_sa_restart", "oracle", "warm_subset")}
-    for n in ("cold", "warm", "warm_sa_restart"):
+                     for n in RUNS}
+    for n in ("cold", "warm", "warm_unchecked"):
         summary[f"worst_fpe_after_first_{n}"] = max((r[n]["fpe"] for r in later), default=None)
     summary["intervals_missing_the_reference"] = [
-        {"epoch": r["epoch"], "run": n, "end": w} for r in rows for n in ("cold", "warm", "warm_sa_restart", "oracle",
-                                                                         "warm_subset")
+        {"epoch": r["epoch"], "run": n, "end": w} for r in rows for n in RUNS
         if n in r for w, ok in r[n]["interval_holds_reference"].items() if not ok]
     gaps = [r["rounding_gap"]["measured_here"] for r in rows]
     summary["rounding_gap_ratio_spread"] = max(gaps) / min(gaps)
     summary["confirmations_skipped_warm"] = sum(r["warm"]["confirm_hvps"] == 0 for r in later)
-    for name in ("cold", "warm"):
+    for name in ("cold", "warm", "warm_unchecked"):
         steps = [r["stopping_steps"][name] for r in later]
         summary[f"median_products_after_first_{name}_oracle_stop"] = statistics.median(
             s["oracle"] for s in steps if s["oracle"] is not None) if steps else None
@@ -207,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     model, states, data = train(args.epochs, args.width)
     op = CurvatureOperator(model, "cross_entropy", data, batch_size=512, mode="auto", dtype=torch.float32)
-    rows, warm_prev, restart_prev, restart_turnover, ref_prev = [], None, None, {}, None
+    rows, warm_prev, unchecked_prev, ref_prev = [], None, None, None
     t0, chained = time.perf_counter(), None
     for epoch, state in enumerate(states, start=1):
         op.set_parameters(state)
@@ -220,37 +214,34 @@ def main(argv: list[str] | None = None) -> None:
         cold = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch)
         warm = cold if warm_prev is None else lanczos(
             op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(warm_prev, op.n, epoch))
-        turned = [w for w in ("SA",) if restart_turnover.get(w, 1.0) < TURNOVER]
-        restart = cold if restart_prev is None else lanczos(
-            op, which="LA,SA", rtol=RTOL, seed=epoch, v0=sa_restart_vector(restart_prev, op.n, epoch, turned))
-        restart_turnover = {} if restart_prev is None else {
-            w: float(abs(restart_prev[w][:, 0] @ restart.pairs[w].vectors[:, 0])) for w in ("LA", "SA")}
+        unchecked = cold if unchecked_prev is None else lanczos(
+            op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(unchecked_prev, op.n, epoch).vector)
         oracle = lanczos(op, which="LA,SA", rtol=RTOL, seed=epoch, v0=warm_start_vector(exact, op.n, epoch))
         subset = None if warm_prev is None else subset_search(
             op, which="LA,SA", rtol=RTOL, fraction=SUBSET, previous=warm_prev, seed=epoch).result
-        warm_prev, restart_prev = vectors(warm), vectors(restart)
+        warm_prev, unchecked_prev = vectors(warm), vectors(unchecked)
         row = {"epoch": epoch, "lambda_max": float(ref.largest.values[0]), "lambda_min": float(ref.smallest.values[0]),
                "reference_converged": ref.converged,
                "ratio_max_over_abs_min": float(ref.largest.values[0] / abs(ref.smallest.values[0])),
                "overlap_with_previous_epoch": None if ref_prev is None else {
                    w: float(abs(ref_prev[w][:, 0] @ exact[w][:, 0])) for w in ("LA", "SA")},
                "rounding_gap": {"measured_here": gap_here, "used": chained["torch.float64"][0]},
-               "sa_restarted": bool(turned),
                **{name: {"fpe": r.fpe, "converged": r.converged, "confirm_hvps": r.confirm_hvps,
                          "relative_error": {w: float(abs(r.pairs[w].values[0] - ref.pairs[w].values[0])
                                                     / abs(ref.pairs[w].values[0])) for w in ("LA", "SA")},
                          "interval_holds_reference": {w: holds(r.pairs[w], ref.pairs[w]) for w in ("LA", "SA")}}
-                  for name, r in (("cold", cold), ("warm", warm), ("warm_sa_restart", restart), ("oracle", oracle),
+                  for name, r in (("cold", cold), ("warm", warm), ("warm_unchecked", unchecked), ("oracle", oracle),
                                   ("warm_subset", subset))
                   if r is not None},
-               "stopping_steps": {name: stopping_steps(r.projected, ref) for name, r in (("cold", cold), ("warm", warm))
+               "stopping_steps": {name: stopping_steps(r.projected, ref) for name, r in
+                                  (("cold", cold), ("warm", warm), ("warm_unchecked", unchecked))
                                   if name == "cold" or warm is not cold},
-               "wrong_stop_margin": {name: wrong_stop_margin(r.projected, ref)
-                                     for name, r in (("reference", ref), ("cold", cold), ("warm", warm))}}
+               "wrong_stop_margin": {name: wrong_stop_margin(r.projected, ref) for name, r in
+                                     (("reference", ref), ("cold", cold), ("warm", warm), ("warm_unchecked", unchecked))}}
         ref_prev = exact
         rows.append(row)
         print({k: row[k] for k in ("epoch", "ratio_max_over_abs_min", "overlap_with_previous_epoch")},
-              {n: row[n]["fpe"] for n in ("cold", "warm", "warm_sa_restart", "oracle", "warm_subset") if n in row},
+              {n: row[n]["fpe"] for n in RUNS if n in row},
               row["wrong_stop_margin"], flush=True)
         summary = summarise(rows)
         write("warm_chain", {"config": {**vars(args), "n_params": op.n, "n_samples": op.n_samples, "rtol": RTOL,

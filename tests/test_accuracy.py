@@ -13,7 +13,7 @@ from hessdist.errors import InputError
 from hessdist.examples import digits_shifted
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.certify import solve, subset_fraction, subset_search
-from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.lanczos import lanczos, warm_start_vector
 from hessdist.solvers.ritz import Accuracy
 
 from .helpers import DenseOperator, dense_ggn_cross_entropy, dense_hessian, digits_subset, mlp, reference, \
@@ -172,6 +172,25 @@ def test_limits_cover_at_the_stated_confidence_on_a_hard_spectrum():
     assert covered / seeds >= confidence
     eps = kw_epsilon(n, 12, (1 - confidence) / 2)
     assert np.median(reach) < 0.2 * eps * (lam.max() - lam.min()) / (1 - 2 * eps)
+
+
+def test_a_warm_starts_limits_cover_at_the_stated_confidence_whatever_its_previous_vectors():
+    """A warm start's far side comes from its random part alone (the quantile scaled by its
+    share): on the same hard spectrum, previous vectors that point at a bulk eigenvector (the
+    worst case: nothing along the extreme ones) still leave the limits covering λ_max and
+    λ_min at least as often as the confidence says."""
+    n = 400
+    lam = np.concatenate([[1.0], 0.8 * (1 - np.cos(np.pi * np.linspace(0, 1, n - 1))) / 2])
+    op = DenseOperator(np.diag(lam))
+    previous = {"bulk": np.eye(n)[:, 200:201]}
+    confidence, seeds, covered = 0.6, 300, 0
+    for seed in range(seeds):
+        start = warm_start_vector(previous, n, seed)
+        res = lanczos(op, which="LA,SA", tol=1e-15, max_hvps=12, v0=start, seed=seed, confidence=confidence,
+                      return_vectors=False)
+        assert res.krylov_degree == 12 and start.share == 0.5
+        covered += res.largest.limit >= 1.0 and res.smallest.limit <= 0.0
+    assert covered / seeds >= confidence
 
 
 def test_a_limit_that_is_not_yet_tight_keeps_the_run_going():
@@ -348,7 +367,7 @@ def test_subset_path_certifies_full_data_values_and_counts_fpe_exactly():
         truth = exact_ith(lam, end, 1)[0]
         lo, hi = p.intervals[0]
         assert lo - 1e-12 <= truth <= hi + 1e-12
-        assert abs(p.values[0] - truth) <= p.residual_norms[0]
+        assert abs(p.values[0] - truth) <= p.residual_norms[0] + 1e-12
     # the subset said something else; the certified values are the full data's
     assert sub["smallest"]["values"][0] != pytest.approx(lam[0], rel=1e-3)
 
@@ -361,10 +380,11 @@ def test_subset_search_warm_started_within_its_limits_and_the_default_path_stays
     assert answer.subset["warm_start"] and answer.result.fpe <= 20
     assert answer.result.stop_reason in ("converged", "max_fpe")
     # with previous eigenvectors the default path starts from them on all the data: a subset's
-    # eigenvectors could only blur what they know
+    # eigenvectors could only blur what they know; the warm start waits for its far side
     warm = solve(op, which="LA,SA", rtol=1e-3, previous=previous, seed=1)
-    cold = solve(op, which="LA,SA", rtol=1e-3, subset=None, seed=1)
-    assert warm.subset is None and warm.result.converged and warm.result.fpe < cold.result.fpe
+    assert warm.subset is None and warm.result.converged and warm.result.krylov_degree == warm.result.hvps
+    for p in warm.result.pairs.values():
+        assert abs(p.limit - p.values[0]) <= max(1e-3 * abs(p.values[0]), 1e-6 * warm.result.largest.values[0])
     assert abs(warm.result.smallest.values[0] - lam[0]) <= 1e-3 * abs(lam[0])
     with pytest.raises(InputError, match="fraction"):
         subset_search(op, fraction=1.0)

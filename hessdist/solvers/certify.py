@@ -59,11 +59,6 @@ class Answer:
         return {**self.result.to_dict(), "subset": self.subset}
 
 
-def noise_seed(seed: int) -> int:
-    """A seed for a warm start's noise, independent of the random start drawn from ``seed``."""
-    return int(np.random.SeedSequence(seed).spawn(1)[0].generate_state(1, np.uint64)[0] >> 1)
-
-
 def angles(X: np.ndarray, Y: np.ndarray) -> list[float]:
     """Angles (degrees) between matching columns, sign-blind."""
     cos = np.abs(np.sum(X * Y, axis=0)) / (np.linalg.norm(X, axis=0) * np.linalg.norm(Y, axis=0))
@@ -89,7 +84,7 @@ def subset_search(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA
     found = lanczos(sub, which=ends, k=k, max_hvps=max_hvps, max_fpe=max_fpe, budget_s=budget_s, seed=seed,
                     v0=v0, callback=callback and (lambda info: callback({**info, "phase": "subset"})), **options)
     found_vectors = {f"subset {w}": p.vectors for w, p in found.pairs.items()}
-    start = warm_start_vector({**(previous or {}), **found_vectors}, op.n, noise_seed(found.seed))
+    start = warm_start_vector({**(previous or {}), **found_vectors}, op.n, found.seed)
     left = dict(max_hvps=None if max_hvps is None else max(1, max_hvps - found.hvps),
                 max_fpe=None if max_fpe is None else max(max_fpe - found.fpe, 1e-12),
                 budget_s=None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - t0)))

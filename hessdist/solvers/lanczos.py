@@ -59,35 +59,69 @@ class RitzState:
         self.scale = float(np.abs(self.theta).max()) if e else 0.0
 
 
-def start_block(v0: np.ndarray | None, n: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """The start columns and whether the first is random. No v0: ``block`` random columns. A
-    single v0: used as is. A block v0 (n, b): a random column put first, so directions the
-    previous vectors miss are still searched and ``limit`` applies."""
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """A start vector u + w·g: u a unit vector from earlier eigenvectors, g uniform on the unit
+    sphere, ``noise`` = w. Its random part gives the run a probabilistic far side
+    (:class:`~hessdist.solvers.limits.StartKrylov`'s share w/(1 + w)), so a warm run waits for
+    it as a cold one does: a warm vector that turned over (the previous λ_min's eigenvector
+    now the second) otherwise converges, with a true residual, to an eigenvalue that is not the
+    extreme one."""
+    vector: np.ndarray
+    noise: float
+
+    @property
+    def share(self) -> float:
+        return self.noise / (1.0 + self.noise)
+
+
+def start_block(v0: np.ndarray | WarmStart | None, n: int, block: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, float | None]:
+    """The start columns and the random share of the first (None: no random part). No v0:
+    ``block`` random columns. A :class:`WarmStart`: its vector, random in its share. A single
+    v0: used as is, with no far side. A block v0 (n, b): a random column put first, so
+    directions the previous vectors miss are still searched and ``limit`` applies."""
     if v0 is None:
-        return rng.standard_normal((n, block)), True
+        return rng.standard_normal((n, block)), 1.0
+    if isinstance(v0, WarmStart):
+        return v0.vector[:, None], v0.share
     V = np.asarray(v0, dtype=np.float64)
     if V.ndim not in (1, 2) or V.shape[0] != n:
         raise InputError(f"v0 must be a vector of length n = {n} or a block (n, b), got shape {np.shape(v0)}")
     if not np.isfinite(V).all():
         raise InputError("v0 must be finite (it holds NaN or inf)")
     if V.ndim == 1:
-        return V[:, None], False
-    return np.column_stack([rng.standard_normal(n), V]), True
+        return V[:, None], None
+    return np.column_stack([rng.standard_normal(n), V]), 1.0
 
 
-def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | None = None) -> np.ndarray | None:
-    """One start vector rich in every previous eigenvector (both ends), plus a little noise so
-    that directions the previous solve missed are not excluded. Measured (benchmarks/
-    warm_start.json) to need fewer products than starting from the block of those vectors,
-    which pays a product per column per step; when the vectors are exact both take a handful.
-    Restarting an end that turned over from a random direction instead was measured and not
-    kept (benchmarks/warm_chain.py: median 14 FPE against 11, worst epoch 22 against 19)."""
+#: the random part's weight w in a warm start (see :class:`WarmStart`): the far side then costs
+#: about what a cold start's does (the quantile scaled by 1/2), and the previous eigenvectors
+#: still hold half the start. Measured on benchmarks/warm_chain.py's epochs 2-5: 13-23 FPE at
+#: w = 1 against 17-30 at w = 1e-3 (the target then 2·ln 1001 higher) and 12-22 cold.
+WARM_NOISE = 1.0
+
+
+def noise_seed(seed: int) -> int:
+    """A seed for a warm start's noise, independent of the random start drawn from ``seed``."""
+    return int(np.random.SeedSequence(seed).spawn(1)[0].generate_state(1, np.uint64)[0] >> 1)
+
+
+def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | None = None,
+                      noise: float = WARM_NOISE) -> WarmStart | None:
+    """One start vector rich in every previous eigenvector (both ends), plus a random part of
+    weight ``noise`` that searches the directions they miss and gives the far side. Measured
+    (benchmarks/warm_start.json) to need fewer products than starting from the block of those
+    vectors, which pays a product per column per step; when the vectors are exact both take a
+    handful. Restarting an end that turned over from a random direction instead was measured
+    and not kept (benchmarks/warm_chain.py: median 14 FPE against 11, worst epoch 22 against 19).
+    ``seed``: the lanczos seed of the run it starts (the noise is drawn independently of it)."""
     columns = [v for block in previous.values() for v in np.asarray(block, dtype=np.float64).T]
     if not columns or any(c.shape != (n,) for c in columns):
         return None
-    v0 = sum(c / np.linalg.norm(c) for c in columns)
-    noise = np.random.default_rng(seed).standard_normal(n)
-    return v0 / np.linalg.norm(v0) + 1e-3 * noise / np.linalg.norm(noise)
+    u = sum(c / np.linalg.norm(c) for c in columns)
+    g = np.random.default_rng(None if seed is None else noise_seed(seed)).standard_normal(n)
+    return WarmStart(u / np.linalg.norm(u) + noise * g / np.linalg.norm(g), noise)
 
 
 class Limits:
@@ -139,7 +173,7 @@ class _Run:
     random start column's own Krylov space (for the probabilistic limit). A lost basis ends it
     (``BasisLost``); the caller starts another from the last checkpointed Ritz vectors."""
 
-    def __init__(self, basis: KrylovBasis, starts: np.ndarray, random_first: bool, rng: np.random.Generator,
+    def __init__(self, basis: KrylovBasis, starts: np.ndarray, share: float | None, rng: np.random.Generator,
                  max_basis: int, width: int, size: int):
         self.basis, self.rng, self.max_basis, self.width = basis, rng, max_basis, width
         added = [basis.add_start(c) for c in starts.T]
@@ -147,7 +181,7 @@ class _Run:
             raise InputError("v0 must be a non-zero vector (or block)")
         self.C = np.zeros((size, size))
         self.e, self.restarts, self.dropped = 0, 0, 0.0
-        self.start = StartKrylov(size) if random_first else None   # the random column is the basis' first
+        self.start = None if share is None else StartKrylov(size, share)   # the random column is the basis' first
         self.ritz: RitzState | None = None
 
     @property
@@ -185,9 +219,7 @@ class _Run:
     def far_sides_met(self, picked: dict[str, np.ndarray], accuracy: Accuracy, delta: float) -> bool:
         """Whether each extreme value's far side — the probabilistic limit — meets the accuracy
         too, while the limit can still tighten (the random start's Krylov space intact): a
-        residual alone says an eigenvalue is near θ, not that none lies beyond it. Asked of cold
-        starts only; a warm start's random column is a safeguard, and waiting for its limit
-        would cost what a cold start costs."""
+        residual alone says an eigenvalue is near θ, not that none lies beyond it."""
         if self.start is None or self.restarts or self.start.frozen:
             return True
         ritz = self.ritz
@@ -208,7 +240,7 @@ def default_max_basis(op: Operator, dtype: torch.dtype = torch.float64) -> int:
 
 def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
             k: int = 1, tol: float | None = None, rtol: Rtol = None, max_hvps: int | None = None,
-            max_fpe: float | None = None, budget_s: float | None = None, v0: np.ndarray | None = None,
+            max_fpe: float | None = None, budget_s: float | None = None, v0: np.ndarray | WarmStart | None = None,
             block: int | None = None, max_basis: int | None = None, basis_dtype: torch.dtype = torch.float64,
             seed: int | None = None, confidence: float = 0.999, return_vectors: bool = True,
             checkpoint_every: int = 10, max_recoveries: int = 3, callback: Progress | None = None) -> EigenResult:
@@ -217,8 +249,10 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
 
     Accuracy: ``rtol`` — a number, or {end: number} — asks for residual ≤ rtol·|θ| per value;
     ``tol`` (default 1e-6) asks for residual ≤ tol·max|θ|, and with ``rtol`` is the floor for
-    values at or near 0. ``v0``: a start vector, or a block (n, b) of previous eigenvectors
-    (warm start; a random column is added first). ``block``: columns per product call (default:
+    values at or near 0. ``v0``: a :class:`WarmStart` (:func:`warm_start_vector`: previous
+    eigenvectors and a random part, certified as a cold start is), or an array used as given:
+    a start vector (no random part, so no far side), or a block (n, b) of previous
+    eigenvectors (a random column is added first; its limit widens the intervals at the stop). ``block``: columns per product call (default:
     the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
     later search stays orthogonal to found outliers); the default fills half a GPU's free memory
@@ -227,8 +261,9 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     in the same memory; its rounding, ~1e-7, is invisible to the projection, so the returned
     pairs are confirmed with real products, one per pair; a run whose confirmed residuals miss
     the target says so: ``stop_reason="precision"``).
-    Stops when every requested pair is done — from a cold start (no ``v0``), the extreme pair at
-    each end only when its probabilistic far side (``limit``) meets the accuracy too — at
+    Stops when every requested pair is done — from a random start or a :class:`WarmStart`, the
+    extreme pair at each end only when its probabilistic far side (``limit``) meets the
+    accuracy too — at
     ``max_hvps`` products or ``max_fpe`` full-data product equivalents (never exceeded), or
     before a block would overrun ``budget_s`` seconds;
     the result says which, and flags every pair that is not done. ``seed`` (default: drawn
@@ -253,7 +288,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
         raise InputError(f"max_fpe must be positive, got {max_fpe}")
     seed = draw_seed(seed)
     rng = np.random.default_rng(seed)
-    starts, random_first = start_block(v0, n, block or 1, rng)
+    starts, share = start_block(v0, n, block or 1, rng)
+    certify_far = v0 is None or isinstance(v0, WarmStart)      # a v0 array is a start as given
     width = block or starts.shape[1]
     min_basis = (k + 1) * len(ends) + starts.shape[1] + width
     if max_basis is None:
@@ -270,7 +306,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     hvps, reason, recoveries, redone, peak = 0, "max_hvps", 0, 0, 0
     checkpoint, checkpoint_hvps, blocks = None, 0, 0
     while True:
-        run = _Run(op.krylov_basis(capacity=max_basis, dtype=basis_dtype), starts, random_first, rng, max_basis,
+        run = _Run(op.krylov_basis(capacity=max_basis, dtype=basis_dtype), starts, share, rng, max_basis,
                    width, size)
         try:
             while True:
@@ -287,7 +323,7 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
                 if run.e >= min(n, k * len(ends)) and all(
                         idx.size == k and _done(accuracy, w, ritz.theta[idx], ritz.residuals[idx], ritz.scale, gap)
                         for w, idx in picked.items()) \
-                        and (v0 is not None or run.far_sides_met(picked, accuracy, delta)):
+                        and (not certify_far or run.far_sides_met(picked, accuracy, delta)):
                     reason = "converged"
                     break
                 if run.basis.volatile and blocks % checkpoint_every == 0:
@@ -302,9 +338,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
             redone += hvps - checkpoint_hvps
             peak = max(peak, run.basis.peak_bytes)
             # continue from the checkpointed Ritz vectors (or afresh when there is none yet)
-            starts = warm_start_vector({"checkpoint": checkpoint}, n, int(rng.integers(2**62)))[:, None] \
-                if checkpoint is not None else rng.standard_normal((n, width))
-            random_first = checkpoint is None
+            starts, share = start_block(warm_start_vector({"checkpoint": checkpoint}, n, int(rng.integers(2**62)))
+                                        if checkpoint is not None else None, n, width, rng)
 
     ritz, basis = run.ritz, run.basis
     if ritz is None:

@@ -13,8 +13,9 @@ digits MLP after the same 58 products, 2.9e-4 below λ_min against Kuczyński–
 4.5e-3 (15× closer).
 
 The q_j come from Lanczos on the random start column alone, run in the coefficient space of
-the projection C (A Q[:, :e] = Q[:, :m] C[:m, :e]), so a block start or a warm start holding a
-random column gets the bound too. A thick restart discards what the kernel needs; the last
+the projection C (A Q[:, :e] = Q[:, :m] C[:m, :e]), so a block start holding a random column
+gets the bound too, and so does a warm start vector with a random part of known weight
+(:class:`StartKrylov`'s ``share``). A thick restart discards what the kernel needs; the last
 limit before it stays valid (K only grows with d), so the run keeps that.
 """
 from __future__ import annotations
@@ -33,9 +34,16 @@ def start_quantile(n: int, delta: float) -> float:
 
 class StartKrylov:
     """Lanczos (full re-orthogonalisation, float64) on the random start column e_0 of the
-    basis, applied through the projection C: extended as far as the expanded columns allow."""
+    basis, applied through the projection C: extended as far as the expanded columns allow.
 
-    def __init__(self, size: int):
+    ``share``: how much of that column is random. A warm start v = u + w·g (u a fixed unit
+    vector, g uniform on the unit sphere, ‖v‖ ≤ 1 + w) has, along any fixed unit z,
+    P(|zᵀv| ≤ w·ε) = P(|zᵀu/w + zᵀg| ≤ ε) ≤ P(|zᵀg| ≤ ε) = δ, by Anderson's inequality (zᵀg is
+    symmetric and unimodal); so its normalised component exceeds ε·w/(1 + w) with probability
+    ≥ 1 − δ, and the limit holds with the quantile scaled by share = w/(1 + w)."""
+
+    def __init__(self, size: int, share: float = 1.0):
+        self.share = share
         s0 = np.zeros(size)
         s0[0] = 1.0
         self.S = [s0]
@@ -85,7 +93,7 @@ class StartKrylov:
             return None
         ritz = eigvalsh_tridiagonal(np.array(self.alpha[:len(self.beta)]), np.array(self.beta[:-1]))
         sign, edge = (1.0, ritz[-1]) if end == "LA" else (-1.0, ritz[0])
-        target = -2 * math.log(start_quantile(n, delta))
+        target = -2 * math.log(self.share * start_quantile(n, delta))
         spread = max(float(ritz[-1] - ritz[0]), abs(float(edge)), 1e-300)
         lo, hi = -12.0, 6.0                     # log10 of the distance beyond the edge, in spreads
         for _ in range(3):                      # a grid, then two finer grids around the crossing
