@@ -3,11 +3,11 @@
 A product over a fraction f of the data costs f full-data product equivalents (FPE). The search
 runs Lanczos on a fixed subset (samples spread evenly over the data); its Ritz vectors then
 warm-start a Lanczos run on the full data, which stops only when the requested accuracy holds
-for the full-data operator — so the answer is certified on all the data whatever the subset
-said (a subset overstates both ends on average; the certified values do not). When the subset
-represents the data, its eigenvectors are close to the full ones and the full-data run is
-short; when it does not (too few samples for the curvature at that end), the full-data run
-costs about what a cold one would, and the search's f-weighted products are what was lost.
+for the full-data operator, its far side included (the start's random part) — so the answer
+is certified on all the data whatever the subset said (a subset overstates both ends on
+average; the certified values do not). That far side costs about what a cold run's does, so
+the search's f-weighted products are mostly what is lost (measured 2026-12-07 on the shifted
+digits MLP: 64.5 FPE with a 5% search against 56–58 plain).
 ``subset_fraction`` is the default path's choice, from measured numbers
 (benchmarks/results/subset.json).
 """
@@ -127,7 +127,8 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     spectrum moves, and started from the checkpoint's own eigenvectors (a settled run) costs
     23.6 (CNN) and 26.6 (MLP) FPE against 4 without it. Cold, the search pays more than it
     did: the subset run pays the cold start's probabilistic far side at the subset's price
-    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP). None or 1 never.
+    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP) — measured before the
+    full-data run waited for its far side; since, 64.5 against 56–58 on the MLP. None or 1 never.
     ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:

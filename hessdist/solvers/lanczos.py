@@ -110,12 +110,13 @@ def noise_seed(seed: int) -> int:
 def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | None = None,
                       noise: float = WARM_NOISE) -> WarmStart | None:
     """One start vector rich in every previous eigenvector (both ends), plus a random part of
-    weight ``noise`` that searches the directions they miss and gives the far side. Measured
-    (benchmarks/warm_start.json) to need fewer products than starting from the block of those
-    vectors, which pays a product per column per step; when the vectors are exact both take a
-    handful. Restarting an end that turned over from a random direction instead was measured
-    and not kept (benchmarks/warm_chain.py: median 14 FPE against 11, worst epoch 22 against 19).
-    ``seed``: the lanczos seed of the run it starts (the noise is drawn independently of it)."""
+    weight ``noise`` that searches the directions they miss and gives the far side. One vector,
+    not the block of them, which pays a product per column per step (benchmarks/warm_start.json,
+    measured before warm starts waited for their far side). For k = 1 at the per-epoch contract
+    the far side decides the cost, so a certified warm start costs about what a cold one does
+    (benchmarks/warm_chain.json); it saves where the residuals of more pairs decide (k = 5:
+    tests/test_spectrum.py). ``seed``: the lanczos seed of the run it starts (the noise is
+    drawn independently of it)."""
     columns = [v for block in previous.values() for v in np.asarray(block, dtype=np.float64).T]
     if not columns or any(c.shape != (n,) for c in columns):
         return None
