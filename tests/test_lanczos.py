@@ -7,7 +7,7 @@ import torch
 
 from hessdist.errors import InputError
 from hessdist.curvature import CurvatureOperator
-from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.lanczos import WarmStart, lanczos
 
 from .helpers import MODELS, dense_hessian, digits_subset, reference, trained_digits_mlp
 
@@ -126,5 +126,9 @@ def test_bad_arguments():
         lanczos(op, v0=np.ones(3))
     with pytest.raises(InputError, match="non-zero"):
         lanczos(op, v0=np.zeros(op.n))
+    with pytest.raises(InputError, match=r"v0 must be a vector of length n = \d+, got shape \(3,\)"):
+        lanczos(op, v0=WarmStart(np.ones(3), 1.0))
+    with pytest.raises(InputError, match="finite"):
+        lanczos(op, v0=WarmStart(np.full(op.n, np.nan), 1.0))
     with pytest.raises(InputError, match="tol"):
         lanczos(op, tol=0)

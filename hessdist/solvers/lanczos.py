@@ -83,13 +83,15 @@ def start_block(v0: np.ndarray | WarmStart | None, n: int, block: int,
     directions the previous vectors miss are still searched and ``limit`` applies."""
     if v0 is None:
         return rng.standard_normal((n, block)), 1.0
-    if isinstance(v0, WarmStart):
-        return v0.vector[:, None], v0.share
-    V = np.asarray(v0, dtype=np.float64)
-    if V.ndim not in (1, 2) or V.shape[0] != n:
-        raise InputError(f"v0 must be a vector of length n = {n} or a block (n, b), got shape {np.shape(v0)}")
+    warm = isinstance(v0, WarmStart)
+    V = np.asarray(v0.vector if warm else v0, dtype=np.float64)
+    if V.ndim not in ((1,) if warm else (1, 2)) or V.shape[0] != n:
+        raise InputError(f"v0 must be a vector of length n = {n}" + ("" if warm else " or a block (n, b)")
+                         + f", got shape {V.shape}")
     if not np.isfinite(V).all():
         raise InputError("v0 must be finite (it holds NaN or inf)")
+    if warm:
+        return V[:, None], v0.share
     if V.ndim == 1:
         return V[:, None], None
     return np.column_stack([rng.standard_normal(n), V]), 1.0
@@ -253,8 +255,8 @@ def lanczos(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"),
     values at or near 0. ``v0``: a :class:`WarmStart` (:func:`warm_start_vector`: previous
     eigenvectors and a random part, certified as a cold start is), or an array used as given:
     a start vector (no random part, so no far side), or a block (n, b) of previous
-    eigenvectors (a random column is added first; its limit widens the intervals at the stop). ``block``: columns per product call (default:
-    the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
+    eigenvectors (a random column is added first; its limit widens the intervals at the stop).
+    ``block``: columns per product call (default: the start block's width; 1 for a random start). ``max_basis``: vectors kept before a thick
     restart, which keeps the wanted Ritz pairs at each end and locks every converged pair (so
     later search stays orthogonal to found outliers); the default fills half a GPU's free memory
     (4 GiB of host memory on a CPU) in each process that holds a part of the basis.
