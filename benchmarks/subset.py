@@ -123,6 +123,18 @@ def warm_from_exact(op, ref, seeds) -> dict:
             "subset_warm_5_percent": run_subset(op, ref, 0.05, seeds, ref["vectors"])}
 
 
+def cold(op, ref, seeds, fractions=FRACTIONS) -> dict:
+    """Plain vs each subset fraction from a random start (what ``--subset auto`` chooses between)."""
+    out = {"plain_cold": run_plain(op, ref, seeds), "subset_cold": {}}
+    for f in fractions:
+        out["subset_cold"][str(f)] = run_subset(op, ref, f, seeds)
+    return out
+
+
+#: the parts of a row ``--only`` reruns, each from the trained model and its reference
+PARTS = {"warm_from_exact": warm_from_exact, "cold": cold}
+
+
 def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
     model, data, epochs, states, settled = trained(name)
     model.load_state_dict(states[-2])
@@ -137,12 +149,9 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
            "default_fraction": subset_fraction(op.n_samples),
            "eigenvector_overlap_with_previous_checkpoint": {
                w: float(abs(prev_ref["vectors"][w][:, 0] @ ref["vectors"][w][:, 0])) for w in ("LA", "SA")}}
-    row["plain_cold"] = run_plain(op, ref, seeds)
-    print(name, "plain", row["plain_cold"]["fpe"], flush=True)
-    row["subset_cold"] = {}
-    for f in fractions:
-        row["subset_cold"][str(f)] = run_subset(op, ref, f, seeds)
-        print(name, "subset", f, row["subset_cold"][str(f)]["fpe"], flush=True)
+    row.update(cold(op, ref, seeds, fractions))
+    print(name, "plain", row["plain_cold"]["fpe"], "subset", {f: r["fpe"] for f, r in row["subset_cold"].items()},
+          flush=True)
     row["alain_5_percent"] = alain_five_percent(model, data, ref)
     previous = prev_ref["vectors"]
     row["plain_warm"] = run_plain(op, ref, seeds, previous)
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", choices=("warm_from_exact",), help="rerun one part, keep the rest of each row")
+    ap.add_argument("--only", choices=sorted(PARTS), help="rerun one part, keep the rest of each row (the row's "
+                    "'reran' names the parts measured later than the rest)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -176,8 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.only:
             model, data, _, states, _ = trained(name)
             model.load_state_dict(states[-1])
-            rows.append({**old[name], args.only: warm_from_exact(operator(model, data), reference(model, data),
-                                                                  list(range(args.seeds)))})
+            part = PARTS[args.only](operator(model, data), reference(model, data), list(range(args.seeds)))
+            if args.only == "cold":
+                print(name, "plain", part["plain_cold"]["fpe"], "subset",
+                      {f: r["fpe"] for f, r in part["subset_cold"].items()}, flush=True)
+            rows.append({**old[name], **(part if args.only == "cold" else {args.only: part}),
+                         "reran": sorted({*old[name].get("reran", ()), args.only})})
         else:
             rows.append(run(name, list(range(args.seeds))))
         write("subset", {"rtol": RTOL, "fractions": list(FRACTIONS),

@@ -47,10 +47,11 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray cluster for one test module (10 logical CPUs), shipping this folder to its
+    """A local Ray cluster for one test module (16 logical CPUs: room for the worker groups a
+    module keeps for all its tests beside those a test makes), shipping this folder to its
     workers so that they import the tests' factories."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    ray.init(address="local", num_cpus=10, include_dashboard=False, runtime_env={"py_modules": [tests_dir]},
+    ray.init(address="local", num_cpus=16, include_dashboard=False, runtime_env={"py_modules": [tests_dir]},
              logging_level="ERROR")
     yield
     ray.shutdown()

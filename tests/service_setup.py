@@ -66,12 +66,14 @@ def failure(proc: subprocess.CompletedProcess, limit: int = 4000) -> str:
         "\n".join(forwarded[-15:])[-limit // 2:]
 
 
-def driver(address: str, code: str, timeout: int = 600, runtime_env: dict | None = None) -> dict:
-    """Run ``code`` in a separate Python process connected to the cluster; it prints one JSON.
+def driver(address: str, code: str, timeout: int = 600, runtime_env: dict | None = None, lines: int = 1):
+    """Run ``code`` in a separate Python process connected to the cluster; it prints one JSON
+    (or ``lines`` of them, returned as a list: one driver process for several checks).
     ``runtime_env``: the job's (inherited by a service it starts, and by that service's workers)."""
     script = "import json, ray, torch, hessdist\n" \
              f"ray.init(address={address!r}, namespace='hessdist', logging_level='ERROR', " \
              f"runtime_env={runtime_env!r})\n" + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, failure(proc)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    printed = [json.loads(line) for line in proc.stdout.strip().splitlines()[-lines:]]
+    return printed[0] if lines == 1 else printed

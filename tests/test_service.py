@@ -46,8 +46,9 @@ def test_service_lifecycle(cluster, tmp_path, digits_checkpoint):
     status = serve(cluster, out_dir, digits_checkpoint)
     assert status["workers"] == 2 and status["solves"] == 0 and status["n_params"] == 2410
 
-    # a second driver: three submits at different parameters, results in order, status meanwhile
-    got = driver(cluster, TRAINER + """
+    # a second driver: three submits at different parameters, results in order, status meanwhile;
+    # then a worker killed during a solve: it completes, the history has no gap or duplicate
+    got, killed = driver(cluster, TRAINER + """
 futures = [h.submit(nudged(s), step=s, rtol={"LA": 1e-5, "SA": 1e-3}, compare_cold=(s == 2), seed=0)
            for s in (0, 1, 2)]          # a fixed seed: the warm and cold solves start alike, every run
 during = h.status()
@@ -60,7 +61,19 @@ print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"
                   "met": [r["met"] for r in results], "widths": [r["relative_widths"] for r in results],
                   "subset": [r["subset"] for r in results],
                   "during": during, "largest": results[0]["largest"], "n": len(h.history())}))
-""")
+
+import os, signal, time
+pid = h.status()["worker_pids"][-1]
+fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=200)   # long enough for the kill to land mid-solve
+for _ in range(400):                                          # kill mid-solve, however fast products are
+    if h.status()["running"] is not None:
+        break
+    time.sleep(0.05)
+time.sleep(0.5)
+os.kill(pid, signal.SIGKILL)
+r = h.result(fut)
+print(json.dumps({"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}))
+""", lines=2)
     assert got["steps"] == [0, 1, 2] and got["warm"] == [False, True, True] and got["n"] == 3
     assert got["during"]["running"] is not None or got["during"]["queued"]
     # the warm and the cold solve are compared as run, each certified with its far side (which
@@ -73,54 +86,39 @@ print(json.dumps({"steps": [r["step"] for r in results], "warm": [r["warm_start"
         assert met == {"largest": ["rtol"], "smallest": ["rtol"]}
         assert widths["largest"][0] <= 1e-5 and widths["smallest"][0] <= 1e-3
     lines = (out_dir / "history.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]
-    assert sorted(os.listdir(out_dir / "vectors")) == ["step-0.pt", "step-1.pt", "step-2.pt"]
-
-    # a worker killed during a solve: it completes, the history has no gap or duplicate
-    got = driver(cluster, TRAINER + """
-import os, signal, time
-pid = h.status()["worker_pids"][-1]
-fut = h.submit(nudged(3), step=3, tol=1e-12, max_hvps=200)   # long enough for the kill to land mid-solve
-for _ in range(400):                                          # kill mid-solve, however fast products are
-    if h.status()["running"] is not None:
-        break
-    time.sleep(0.05)
-time.sleep(0.5)
-os.kill(pid, signal.SIGKILL)
-r = h.result(fut)
-print(json.dumps({"replaced": r["workers_replaced"], "steps": [e["step"] for e in h.history()]}))
-""")
-    assert got["replaced"] >= 1 and got["steps"] == [0, 1, 2, 3]
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
+    assert sorted(os.listdir(out_dir / "vectors")) == ["step-0.pt", "step-1.pt", "step-2.pt", "step-3.pt"]
+    assert killed["replaced"] >= 1 and killed["steps"] == [0, 1, 2, 3]
 
     # restart: stop, serve again on the same out_dir; history reloaded, next solve warm-starts
     subprocess.run(HESSDIST + ["stop", "--name", "svc", "--address", cluster], check=True, timeout=120,
                    capture_output=True)
     status = serve(cluster, out_dir, digits_checkpoint)
     assert status["solves"] == 4
-    got = driver(cluster, TRAINER + """
+    # scale between solves (here, right after the restart), from the CLI
+    proc = subprocess.run(HESSDIST + ["scale", "--name", "svc", "--workers", "1", "--address", cluster],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, failure(proc)
+    # one driver: a trainer's hook solves step 4, warm from the reloaded history; then the same
+    # parameters give the recorded answer, and a duplicate step is refused with a message
+    warm, got = driver(cluster, TRAINER + """
 from hessdist.hooks import SpectrumHook
 hook = SpectrumHook(h, tol=1e-6)
 model.load_state_dict(nudged(4))
 hook.after_epoch(model, 4)
 r, = hook.results()
 print(json.dumps({"warm": r["warm_start"], "steps": [e["step"] for e in h.history()]}))
-""")
-    assert got["warm"] and got["steps"] == [0, 1, 2, 3, 4]
-
-    # scale between solves; status from the CLI; duplicate step refused with a message
-    proc = subprocess.run(HESSDIST + ["scale", "--name", "svc", "--workers", "1", "--address", cluster],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["workers"] == 1, failure(proc)
-    got = driver(cluster, TRAINER + """
 again = h.result(h.submit(nudged(4), step=4))      # the same parameters: the recorded answer
 try:
     h.result(h.submit(nudged(6), step=4))
     print(json.dumps({"error": None}))
 except hessdist.InputError as exc:
     print(json.dumps({"error": str(exc), "status": h.status(), "again": again, "recorded": h.history()[-1]}))
-""")
+""", lines=2)
+    assert warm["warm"] and warm["steps"] == [0, 1, 2, 3, 4]
     assert "already in the history, solved at other parameters" in got["error"]
     assert got["status"]["last_error"]["step"] == 4 and got["status"]["solves"] == 5
+    assert got["status"]["workers"] == 1
     assert got["again"] == {**got["recorded"], "from_history": True}
 
     # the service's own process killed mid-solve: the waiting trainer gets a clear error (no hang);

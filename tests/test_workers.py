@@ -90,16 +90,22 @@ def test_studies_on_workers_give_the_in_process_numbers(groups):
     np.testing.assert_allclose([out["ends"]["LA"]["full"][0], out["ends"]["SA"]["full"][0]], lam[[-1, 0]], rtol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def lopsided_groups():
+    """Groups of 2 and 3 workers on very unequal shards (rank 0 holds 100 of the 121 samples)."""
+    made = {w: WorkerGroup(spec(data=lopsided_data), w, collective_timeout_s=30, call_timeout_s=120)
+            for w in (2, 3)}
+    yield made
+    for g in made.values():
+        g.shutdown()
+
+
 @pytest.mark.parametrize("workers", [2, 3])
-def test_lopsided_shards_do_not_hang_and_weight_by_sample(workers):
-    group = WorkerGroup(spec(data=lopsided_data), workers, collective_timeout_s=30, call_timeout_s=120)
-    try:
-        op = DistributedOperator(group)
-        V = np.random.default_rng(0).standard_normal((op.n, 2))
-        ref = in_process().matmat(V)
-        np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
-    finally:
-        group.shutdown()
+def test_lopsided_shards_do_not_hang_and_weight_by_sample(lopsided_groups, workers):
+    op = DistributedOperator(lopsided_groups[workers])
+    V = np.random.default_rng(0).standard_normal((op.n, 2))
+    ref = in_process().matmat(V)
+    np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,17 +154,19 @@ def test_sharded_lanczos_matches_in_process_and_dense(groups, max_basis):
         assert peaks[1] <= max_basis * n * 8
 
 
-def test_sharded_ggn_and_lopsided_shards_match_in_process():
+def test_sharded_ggn_and_lopsided_shards_match_in_process(lopsided_groups):
+    """Workers built for the GGN (its spec's curvature, not a view) and lopsided shards: sharded
+    solves equal to the in-process ones and the dense eigenvalues."""
     # the GGN's smallest eigenvalue is 0 many times over: one start vector finds one copy, so LA only
-    for curvature, data, workers, which in (("ggn", data_factory, 3, "LA"), ("hessian", lopsided_data, 2, "LA,SA")):
-        group = WorkerGroup(spec(curvature, data=data), workers, collective_timeout_s=30)
-        try:
+    ggn = WorkerGroup(spec("ggn"), 3, collective_timeout_s=30)
+    try:
+        for curvature, group, which in (("ggn", ggn, "LA"), ("hessian", lopsided_groups[2], "LA,SA")):
             local = lanczos(in_process(curvature), which=which, k=2, tol=1e-10, seed=5)
             dist = lanczos(DistributedOperator(group), which=which, k=2, tol=1e-10, seed=5)
             assert local.converged and dist.hvps == local.hvps
             assert_same_solve(dist, local, dense_spectrum(curvature))
-        finally:
-            group.shutdown()
+    finally:
+        ggn.shutdown()
 
 
 def test_float32_products_gather_float32_vectors_and_match_in_process():
