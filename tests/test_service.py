@@ -102,10 +102,12 @@ print(json.dumps({"replaced": r["workers_replaced"], "steps": [e["step"] for e i
     # one driver: a trainer's hook solves step 4, warm from the reloaded history; then the same
     # parameters give the recorded answer, and a duplicate step is refused with a message
     warm, got = driver(cluster, TRAINER + """
+import copy
 from hessdist.hooks import SpectrumHook
 hook = SpectrumHook(h, tol=1e-6)
-model.load_state_dict(nudged(4))
-hook.after_epoch(model, 4)
+trained = copy.deepcopy(model)            # the trainer's model at step 4; nudged() reads the checkpoint's
+trained.load_state_dict(nudged(4))
+hook.after_epoch(trained, 4)
 r, = hook.results()
 print(json.dumps({"warm": r["warm_start"], "steps": [e["step"] for e in h.history()]}))
 again = h.result(h.submit(nudged(4), step=4))      # the same parameters: the recorded answer
