@@ -262,6 +262,11 @@ def subset_table(sb: dict) -> list[str]:
            "| problem | N | λ_max / \|λ_min\| | plain cold | " + " | ".join(f"subset {100 * f:g}%" for f in sb["fractions"])
            + " | warm | warm + 5% subset | Alain et al. 5% alone: λ_max, λ_min error |",
            "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in sb["fractions"]) + " | ---: | ---: | --- |"]
+    reran = sorted({part for r in sb["rows"] for part in r.get("reran", ())})
+    parts = {"cold": "plain cold and subset columns", "warm_from_exact": "own-eigenvector rows"}
+    note = ([f"Rerun later than the rest of their rows (`subset.py --only`, the full-data run waiting for its far "
+             f"side): the {' and the '.join(parts[p] for p in reran)}; the other columns were measured before.", ""]
+            if reran else [])
     for r in sb["rows"]:
         a = r["alain_5_percent"]
         cells = " | ".join(_fpe_cell(r["subset_cold"][str(f)]) for f in sb["fractions"])
@@ -279,7 +284,7 @@ def subset_table(sb: dict) -> list[str]:
             out.append(f"| {r['problem']}, started from its own eigenvectors (the settled limit) | | | | "
                        f"{' | '.join('' for _ in sb['fractions'])} | {_fpe_cell(ex['plain_warm'])} | "
                        f"{_fpe_cell(ex['subset_warm_5_percent'])} | |")
-    return out + [""]
+    return out + [""] + note
 
 
 def epochs_table(ep: dict) -> list[str]:
@@ -421,9 +426,10 @@ def summary() -> str:
                         f"product; collectives {r['collectives_s']:.2f} s) | basis capacity {r['default_max_basis']} vectors at 4 GiB of host memory per worker |")
     for r in _rows("subset"):
         f = r["default_fraction"]
-        ours = (f"{_fpe_cell(r['subset_cold'][str(f)])} ({100 * f:g}% subset, then certified)" if f is not None
-                else f"{_fpe_cell(r['plain_cold'])} (too few samples for a subset: plain)")
-        rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {ours} | plain {_fpe_cell(r['plain_cold'])} |")
+        search = (f"{_fpe_cell(r['subset_cold'][str(f)])} (--subset auto: {100 * f:g}%, then certified)" if f is not None
+                  else "--subset auto: too few samples for a search")
+        rows.append(f"| FPE for both ends, cold, {r['problem']} (subset.json) | {_fpe_cell(r['plain_cold'])} (default: "
+                    f"no subset) | {search} |")
     ep = _load("epochs")
     if ep:
         sm = ep["summary"]

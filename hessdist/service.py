@@ -173,7 +173,7 @@ class EigenService:
                 self._cv.notify_all()
 
     def _solve(self, state: dict[str, np.ndarray], step: int, which: str = "LA,SA", k: int = 1,
-               tol: float | None = None, rtol: Rtol = None, subset: float | str | None = "auto",
+               tol: float | None = None, rtol: Rtol = None, subset: float | str | None = None,
                compare_cold: bool = False, seed: int | None = None, **solver_options: Any) -> dict:
         which = parse_which(which)
         digest = parameters_digest(state)

@@ -357,7 +357,7 @@ def test_subset_path_certifies_full_data_values_and_counts_fpe_exactly():
     op, H = shifted_problem()
     lam, _ = eigh(H)
     assert op.n_samples == 23_361 and subset_fraction(op.n_samples) == 0.05
-    answer = solve(op, which="LA,SA", rtol={"LA": 1e-3, "SA": 1e-2}, seed=0)
+    answer = solve(op, which="LA,SA", rtol={"LA": 1e-3, "SA": 1e-2}, subset="auto", seed=0)
     res, sub = answer.result, answer.subset
     assert sub is not None and sub["n_samples"] == math.ceil(0.05 * 23_361)
     assert sub["fpe"] == pytest.approx(sub["hvps"] * sub["n_samples"] / 23_361, rel=1e-12)
@@ -370,6 +370,9 @@ def test_subset_path_certifies_full_data_values_and_counts_fpe_exactly():
         assert abs(p.values[0] - truth) <= p.residual_norms[0] + 1e-12
     # the subset said something else; the certified values are the full data's
     assert sub["smallest"]["values"][0] != pytest.approx(lam[0], rel=1e-3)
+    # by default no search, however large the data: every product is a full-data one
+    plain = solve(op, which="LA,SA", rtol={"LA": 1e-3, "SA": 1e-2}, seed=0)
+    assert plain.subset is None and plain.result.fpe == plain.result.hvps and plain.result.converged
 
 
 def test_subset_search_warm_started_within_its_limits_and_the_default_path_stays_warm():
@@ -390,13 +393,13 @@ def test_subset_search_warm_started_within_its_limits_and_the_default_path_stays
         subset_search(op, fraction=1.0)
 
 
-def test_default_path_skips_the_subset_on_small_data():
-    """1,797 samples: 5% is 90 samples, and raising it to the minimum subset size would take
-    more than a quarter of the data — the plain solve runs."""
+def test_auto_subset_skips_the_search_on_small_data():
+    """``subset="auto"`` on 1,797 samples: 5% is 90 samples, and raising it to the minimum subset
+    size would take more than a quarter of the data — the plain solve runs."""
     assert subset_fraction(1797) is None and subset_fraction(100_000) == 0.05
     assert subset_fraction(15_000) == pytest.approx(1000 / 15_000) and subset_fraction(4000) == 0.25
     _, H, _ = reference("mlp")
     model, _, _ = reference("mlp")
     op = CurvatureOperator(model, "cross_entropy", digits_subset(), dtype=torch.float64, batch_size=64)
-    answer = solve(op, which="LA,SA", rtol=1e-3, seed=0)
+    answer = solve(op, which="LA,SA", rtol=1e-3, subset="auto", seed=0)
     assert answer.subset is None and answer.result.fpe == answer.result.hvps

@@ -80,7 +80,7 @@ print(json.dumps({"replaced": r["workers_replaced"], "steps": [e["step"] for e i
     # is what a k = 1 solve pays for, warm or cold: tests/test_spectrum.py)
     assert got["fpe_saved"] == got["cold"] - got["fpe"][2] and abs(got["fpe_saved"]) <= 0.1 * got["cold"]
     assert all(far["largest"] <= 1e-5 and far["smallest"] <= 1e-3 for far in got["far"])
-    # 1,797 samples: too few for a 5% subset to pay, so every product is a full-data one
+    # no subset search by default: every product is a full-data one
     assert got["subset"] == [None] * 3 and got["fpe"] == got["hvps"]
     for met, widths in zip(got["met"], got["widths"]):            # each end to its own relative accuracy
         assert met == {"largest": ["rtol"], "smallest": ["rtol"]}

@@ -24,8 +24,8 @@ def parse_rtol(text: str | None) -> float | dict[str, float] | None:
 
 
 def parse_subset(text: str) -> float | str | None:
-    """``--subset``: ``auto`` (search on a subset when the data are large enough for it to pay),
-    ``off``, or a fraction."""
+    """``--subset``: ``off``, a fraction, or ``auto`` (a subset search on a cold start when the
+    data are large enough)."""
     if text in ("auto", "off"):
         return None if text == "off" else text
     try:
@@ -114,6 +114,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.999, help="for the probabilistic 'nothing beyond' limits")
     p.add_argument("--warm-start", help="start from the eigenvectors in this file (from --save-vectors)")
     p.add_argument("--save-vectors", help="write the eigenvectors here (torch.save of {largest, smallest})")
-    p.add_argument("--subset", default="auto", help="auto (default: search on a fixed 5%% of the data when there "
-                   "are enough samples for it to pay, then certify on all of it), off, or a fraction")
+    p.add_argument("--subset", default="off", help="off (default), a fraction (search on it first, then certify "
+                   "on all the data), or auto (5%% on a cold start with enough samples)")
     p.set_defaults(func=cmd_eigs)

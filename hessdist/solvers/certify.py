@@ -6,10 +6,10 @@ warm-start a Lanczos run on the full data, which stops only when the requested a
 for the full-data operator, its far side included (the start's random part) — so the answer
 is certified on all the data whatever the subset said (a subset overstates both ends on
 average; the certified values do not). That far side costs about what a cold run's does, so
-the search's f-weighted products are mostly what is lost (measured 2026-12-07 on the shifted
-digits MLP: 64.5 FPE with a 5% search against 56–58 plain).
-``subset_fraction`` is the default path's choice, from measured numbers
-(benchmarks/results/subset.json).
+the search's f-weighted products are mostly what is lost (benchmarks/results/subset.json,
+rerun 2026-12-07: on the shifted digits MLP every fraction from 1% to 20% costs 60.8–70.2 FPE
+against 56–58 plain), so the default path searches only when asked. ``subset_fraction`` is
+the choice ``subset="auto"`` makes.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from .lanczos import lanczos, warm_start_vector
 from .results import END_NAMES, EigenResult
 from .ritz import parse_which
 
-#: the default search fraction and the fewest samples a search may use: measured on 23,361
-#: real digits images (benchmarks/results/subset.json), the search pays from about 500 samples
-#: at the curvature of a trained CNN and is the same cost from 1% to 10% of the data
+#: ``subset="auto"``'s search fraction and the fewest samples a search may use (chosen on 23,361
+#: real digits images, benchmarks/results/subset.json, before the full-data run waited for its
+#: far side: then the search paid from about 500 samples and cost the same from 1% to 10%)
 DEFAULT_FRACTION = 0.05
 MIN_SUBSET_SAMPLES = 1000
 #: above this fraction a search saves too little to be worth a second run
@@ -116,19 +116,16 @@ def subset_search(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA
 
 
 def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: int = 1,
-          previous: Mapping[str, np.ndarray] | None = None, subset: float | str | None = "auto",
+          previous: Mapping[str, np.ndarray] | None = None, subset: float | str | None = None,
           seed: int | None = None, **options) -> Answer:
     """The default path (``hessdist eigs``, the eigen-service): one Lanczos run on all the data,
-    warm-started from ``previous`` eigenvectors when given; without them (a cold start), a
-    search on a subset first when the data are large enough for one to pay (``subset="auto"``:
-    :func:`subset_fraction`). A number forces that fraction, also with ``previous``; not by
-    default, because a subset's eigenvectors blur good previous ones: on the shifted digits
-    (benchmarks/subset.py) a 5% search changes the cost by −6 to +6 FPE of 15–53 where the
-    spectrum moves, and started from the checkpoint's own eigenvectors (a settled run) costs
-    23.6 (CNN) and 26.6 (MLP) FPE against 4 without it. Cold, the search pays more than it
-    did: the subset run pays the cold start's probabilistic far side at the subset's price
-    (13.8 FPE against 34 plain on the CNN, 39.6 against 58 on the MLP) — measured before the
-    full-data run waited for its far side; since, 64.5 against 56–58 on the MLP. None or 1 never.
+    warm-started from ``previous`` eigenvectors when given. ``subset``: a fraction searches on
+    that much of the data first (:func:`subset_search`), ``"auto"`` does so on a cold start with
+    data large enough (:func:`subset_fraction`); None or 1 never, the default. A search cannot
+    pay for a k = 1 answer at the contract's accuracy: the full-data run waits for its start's
+    far side whatever the subset found, so the search's products are added, not saved
+    (benchmarks/subset.py, cold: 60.8–70.2 FPE for fractions 1–20% against 56–58 plain on the
+    shifted digits MLP); from good previous eigenvectors a subset's only blur them.
     ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:
