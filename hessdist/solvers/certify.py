@@ -7,8 +7,9 @@ for the full-data operator, its far side included (the start's random part) — 
 is certified on all the data whatever the subset said (a subset overstates both ends on
 average; the certified values do not). That far side costs about what a cold run's does, so
 the search's f-weighted products are mostly what is lost (benchmarks/results/subset.json,
-rerun 2026-12-07: on the shifted digits MLP every fraction from 1% to 20% costs 60.8–70.2 FPE
-against 56–58 plain), so the default path searches only when asked. ``subset_fraction`` is
+rerun 2026-12-08 on the shifted digits: every fraction from 1% to 20% costs 60.8–70.2 FPE
+against 56–58 plain on the MLP, 33.6–38.2 against 31–33 on the CNN), so the default path
+searches only when asked. ``subset_fraction`` is
 the choice ``subset="auto"`` makes.
 """
 from __future__ import annotations
@@ -124,8 +125,9 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     data large enough (:func:`subset_fraction`); None or 1 never, the default. A search cannot
     pay for a k = 1 answer at the contract's accuracy: the full-data run waits for its start's
     far side whatever the subset found, so the search's products are added, not saved
-    (benchmarks/subset.py, cold: 60.8–70.2 FPE for fractions 1–20% against 56–58 plain on the
-    shifted digits MLP); from good previous eigenvectors a subset's only blur them.
+    (benchmarks/subset.py, cold, fractions 1–20% of the shifted digits: 60.8–70.2 FPE against
+    56–58 plain on the MLP, 33.6–38.2 against 31–33 on the CNN); from good previous eigenvectors
+    a subset's only blur them.
     ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:
