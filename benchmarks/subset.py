@@ -125,14 +125,17 @@ def warm_from_exact(op, ref, seeds) -> dict:
 
 def cold(op, ref, seeds, fractions=FRACTIONS) -> dict:
     """Plain vs each subset fraction from a random start (what ``--subset auto`` chooses between)."""
-    out = {"plain_cold": run_plain(op, ref, seeds), "subset_cold": {}}
-    for f in fractions:
-        out["subset_cold"][str(f)] = run_subset(op, ref, f, seeds)
+    out = {"plain_cold": run_plain(op, ref, seeds),
+           "subset_cold": {str(f): run_subset(op, ref, f, seeds) for f in fractions}}
+    print("plain", out["plain_cold"]["fpe"], "subset", {f: r["fpe"] for f, r in out["subset_cold"].items()},
+          flush=True)
     return out
 
 
-#: the parts of a row ``--only`` reruns, each from the trained model and its reference
-PARTS = {"warm_from_exact": warm_from_exact, "cold": cold}
+#: the parts of a row ``--only`` reruns, each from the trained model and its reference: the
+#: entries of the row it replaces
+PARTS = {"warm_from_exact": lambda op, ref, seeds: {"warm_from_exact": warm_from_exact(op, ref, seeds)},
+         "cold": cold}
 
 
 def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
@@ -150,8 +153,6 @@ def run(name: str, seeds: list[int], fractions=FRACTIONS) -> dict:
            "eigenvector_overlap_with_previous_checkpoint": {
                w: float(abs(prev_ref["vectors"][w][:, 0] @ ref["vectors"][w][:, 0])) for w in ("LA", "SA")}}
     row.update(cold(op, ref, seeds, fractions))
-    print(name, "plain", row["plain_cold"]["fpe"], "subset", {f: r["fpe"] for f, r in row["subset_cold"].items()},
-          flush=True)
     row["alain_5_percent"] = alain_five_percent(model, data, ref)
     previous = prev_ref["vectors"]
     row["plain_warm"] = run_plain(op, ref, seeds, previous)
@@ -187,11 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             model, data, _, states, _ = trained(name)
             model.load_state_dict(states[-1])
             part = PARTS[args.only](operator(model, data), reference(model, data), list(range(args.seeds)))
-            if args.only == "cold":
-                print(name, "plain", part["plain_cold"]["fpe"], "subset",
-                      {f: r["fpe"] for f, r in part["subset_cold"].items()}, flush=True)
-            rows.append({**old[name], **(part if args.only == "cold" else {args.only: part}),
-                         "reran": sorted({*old[name].get("reran", ()), args.only})})
+            rows.append({**old[name], **part, "reran": sorted({*old[name].get("reran", ()), args.only})})
         else:
             rows.append(run(name, list(range(args.seeds))))
         write("subset", {"rtol": RTOL, "fractions": list(FRACTIONS),

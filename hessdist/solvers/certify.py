@@ -9,8 +9,7 @@ average; the certified values do not). That far side costs about what a cold run
 the search's f-weighted products are mostly what is lost (benchmarks/results/subset.json,
 rerun 2026-12-08 on the shifted digits: every fraction from 1% to 20% costs 60.8–70.2 FPE
 against 56–58 plain on the MLP, 33.6–38.2 against 31–33 on the CNN), so the default path
-searches only when asked. ``subset_fraction`` is
-the choice ``subset="auto"`` makes.
+searches only when asked. ``subset_fraction`` is the choice ``subset="auto"`` makes.
 """
 from __future__ import annotations
 
@@ -127,8 +126,7 @@ def solve(op: Operator, *, which: Union[str, Sequence[str]] = ("LA", "SA"), k: i
     far side whatever the subset found, so the search's products are added, not saved
     (benchmarks/subset.py, cold, fractions 1–20% of the shifted digits: 60.8–70.2 FPE against
     56–58 plain on the MLP, 33.6–38.2 against 31–33 on the CNN); from good previous eigenvectors
-    a subset's only blur them.
-    ``options`` go to :func:`lanczos`."""
+    a subset's vectors only blur them. ``options`` go to :func:`lanczos`."""
     fraction = (None if previous else subset_fraction(op.n_samples)) if subset == "auto" else subset
     if fraction is not None and float(fraction) < 1:
         return subset_search(op, which=which, k=k, fraction=float(fraction), previous=previous, seed=seed, **options)
