@@ -20,14 +20,16 @@ from hessdist.studies.subset_vs_full import compare_subset
 from hessdist.studies.verify import verify
 
 from . import helpers
-from .workers_setup import N, data_factory, in_process, lopsided_data, spec
+from .workers_setup import N, data_factory, in_process, lopsided_data, respecced, spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")
 def groups():
-    made = {w: WorkerGroup(spec(), w, collective_timeout_s=30) for w in (1, 2, 3)}
+    """Groups of 1, 2 and 3 workers on :func:`spec`, shared by the module: a test that needs
+    another spec rebuilds their operators in place (``respecced``) instead of starting workers."""
+    made = {w: WorkerGroup(spec(), w, collective_timeout_s=60, call_timeout_s=120) for w in (1, 2, 3)}
     yield made
     for g in made.values():
         g.shutdown()
@@ -90,22 +92,31 @@ def test_studies_on_workers_give_the_in_process_numbers(groups):
     np.testing.assert_allclose([out["ends"]["LA"]["full"][0], out["ends"]["SA"]["full"][0]], lam[[-1, 0]], rtol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def lopsided_groups():
-    """Groups of 2 and 3 workers on very unequal shards (rank 0 holds 100 of the 121 samples)."""
-    made = {w: WorkerGroup(spec(data=lopsided_data), w, collective_timeout_s=30, call_timeout_s=120)
-            for w in (2, 3)}
-    yield made
-    for g in made.values():
-        g.shutdown()
-
-
 @pytest.mark.parametrize("workers", [2, 3])
-def test_lopsided_shards_do_not_hang_and_weight_by_sample(lopsided_groups, workers):
-    op = DistributedOperator(lopsided_groups[workers])
-    V = np.random.default_rng(0).standard_normal((op.n, 2))
+def test_lopsided_shards_do_not_hang_and_weight_by_sample(groups, workers):
+    """Very unequal shards (rank 0 holds 100 of the 121 samples)."""
+    with respecced(groups[workers], spec(data=lopsided_data)) as group:
+        op = DistributedOperator(group)
+        V = np.random.default_rng(0).standard_normal((op.n, 2))
+        ref = in_process().matmat(V)
+        np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_respec_builds_another_problem_in_the_same_workers(groups):
+    """A group respecced for the GGN computes the GGN's products in the same processes; a spec
+    that a worker cannot build raises its error and leaves the group rebuilt on the old spec."""
+    group = groups[1]
+    pids = [p["pid"] for p in group.placements]
+    V = np.random.default_rng(2).standard_normal((group.n, 2))
+    with respecced(group, spec("ggn")):
+        assert group.spec.curvature == "ggn" and [p["pid"] for p in group.placements] == pids
+        ref = in_process("ggn").matmat(V)
+        np.testing.assert_allclose(DistributedOperator(group).matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    with pytest.raises(InputError, match="on rank 0: cannot import module 'not_a_module'"):
+        group.respec(spec(model="not_a_module:make"))
+    assert group.replacements[-1].startswith("respec failed") and group.spec == spec()
     ref = in_process().matmat(V)
-    np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(DistributedOperator(group).matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,30 +165,26 @@ def test_sharded_lanczos_matches_in_process_and_dense(groups, max_basis):
         assert peaks[1] <= max_basis * n * 8
 
 
-def test_sharded_ggn_and_lopsided_shards_match_in_process(lopsided_groups):
+def test_sharded_ggn_and_lopsided_shards_match_in_process(groups):
     """Workers built for the GGN (its spec's curvature, not a view) and lopsided shards: sharded
     solves equal to the in-process ones and the dense eigenvalues."""
     # the GGN's smallest eigenvalue is 0 many times over: one start vector finds one copy, so LA only
-    ggn = WorkerGroup(spec("ggn"), 3, collective_timeout_s=30)
-    try:
-        for curvature, group, which in (("ggn", ggn, "LA"), ("hessian", lopsided_groups[2], "LA,SA")):
+    with respecced(groups[3], spec("ggn")) as ggn, respecced(groups[2], spec(data=lopsided_data)) as lopsided:
+        for curvature, group, which in (("ggn", ggn, "LA"), ("hessian", lopsided, "LA,SA")):
             local = lanczos(in_process(curvature), which=which, k=2, tol=1e-10, seed=5)
             dist = lanczos(DistributedOperator(group), which=which, k=2, tol=1e-10, seed=5)
             assert local.converged and dist.hvps == local.hvps
             assert_same_solve(dist, local, dense_spectrum(curvature))
-    finally:
-        ggn.shutdown()
 
 
-def test_float32_products_gather_float32_vectors_and_match_in_process():
+def test_float32_products_gather_float32_vectors_and_match_in_process(groups):
     """float32 products on a sharded float64 basis: the all-gather sends the vectors in float32,
     the precision the product reads them in (half the bytes), and the solve still matches the
     in-process float32 solve and the dense eigenvalues to float32 accuracy. The first solve's
     confirmations measure the rounding gap on the driver's operator; the next solve skips them,
     on the workers as in-process, and its intervals hold the dense eigenvalues."""
     lam = dense_spectrum("hessian")
-    group = WorkerGroup(spec(dtype="float32"), 2, collective_timeout_s=30)
-    try:
+    with respecced(groups[2], spec(dtype="float32")) as group:
         op = DistributedOperator(group)
         dist = lanczos(op, which="LA,SA", k=2, rtol=1e-4, seed=5, return_vectors=False)
         dist_next = lanczos(op, which="LA,SA", k=2, rtol=1e-3, seed=6, return_vectors=False)
@@ -185,8 +192,6 @@ def test_float32_products_gather_float32_vectors_and_match_in_process():
         basis.add_start(np.random.default_rng(0).standard_normal(op.n))
         basis.expand(0)
         gathered = [s["gathered_bytes"] for s in group.run("basis_seconds", basis.id)]
-    finally:
-        group.shutdown()
     local_op = CurvatureOperator(helpers.cnn_bn(), "cross_entropy", data_factory(), batch_size=32, dtype=torch.float32)
     local = lanczos(local_op, which="LA,SA", k=2, rtol=1e-4, seed=5)
     local_next = lanczos(local_op, which="LA,SA", k=2, rtol=1e-3, seed=6)
@@ -203,15 +208,12 @@ def test_float32_products_gather_float32_vectors_and_match_in_process():
     assert gathered == [2 * -(-op.n // 2) * 4] * 2       # one column, every rank's slice: 4 bytes an entry
 
 
-def test_auto_mode_is_one_choice_for_every_rank_and_reported():
-    group = WorkerGroup(spec(mode="auto"), 2, collective_timeout_s=30)
-    try:
+def test_auto_mode_is_one_choice_for_every_rank_and_reported(groups):
+    with respecced(groups[2], spec(mode="auto")) as group:
         modes = {r["mode"] for r in group.run("describe")}
         described = DistributedOperator(group).describe()
         V = np.random.default_rng(0).standard_normal((group.n, 2))
         np.testing.assert_allclose(DistributedOperator(group).matmat(V), in_process().matmat(V), rtol=1e-12, atol=1e-14)
-    finally:
-        group.shutdown()
     assert len(modes) == 1 and described["mode"] in ("forward", "double-backward")
     assert described["workers"] == 2 and described["micro_batch"] == 32 and described["peak_host_rss_bytes"] > 0
 
@@ -254,7 +256,7 @@ def test_subset_density_trace_and_line_through_workers(groups):
                                rtol=1e-12)
 
 
-def test_streamed_shards_and_a_ray_dataset_give_the_resident_products():
+def test_streamed_shards_and_a_ray_dataset_give_the_resident_products(groups):
     """Shards streamed on every product, and a ray.data dataset split once by the driver (two
     columns, lopsided blocks), give the in-process resident products."""
     x, y = data_factory()
@@ -263,17 +265,14 @@ def test_streamed_shards_and_a_ray_dataset_give_the_resident_products():
     ref = in_process().matmat(V)
     for data, kw in ((data_factory, {"placement": "stream"}), (ds, {"data_columns": ("image", "label")}),
                      (ds, {"placement": "stream"})):
-        group = WorkerGroup(spec(data=data, **kw), 2, collective_timeout_s=30)
-        try:
+        with respecced(groups[2], spec(data=data, **kw)) as group:
             op = DistributedOperator(group)
             assert op.n_samples == N
             assert {r["data"] for r in group.run("describe")} == {kw.get("placement", "device")}
             np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
-        finally:
-            group.shutdown()
 
 
-def test_dict_batches_and_token_weighting_on_workers_equal_in_process():
+def test_dict_batches_and_token_weighting_on_workers_equal_in_process(groups):
     """A GPT-2 on dict batches whose shards hold different numbers of predicted tokens: the
     sum over workers weights every token once, as the in-process operator does; and a solve
     through the workers finds the dense extreme eigenvalues."""
@@ -283,8 +282,7 @@ def test_dict_batches_and_token_weighting_on_workers_equal_in_process():
     local = CurvatureOperator(helpers.tiny_gpt2(), loss, helpers.gpt2_tokens(), batch_size=5, dtype=torch.float64,
                               params=helpers.GPT2_PARAMS)
     lam = np.linalg.eigvalsh(helpers.dense_gpt2_hessian(helpers.tiny_gpt2(), helpers.gpt2_tokens()).numpy())
-    group = WorkerGroup(gpt2, 3, collective_timeout_s=30)
-    try:
+    with respecced(groups[3], gpt2) as group:
         op = DistributedOperator(group)
         assert op.n_samples == local.n_samples
         V = np.random.default_rng(5).standard_normal((op.n, 3))
@@ -292,19 +290,13 @@ def test_dict_batches_and_token_weighting_on_workers_equal_in_process():
         np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
         res = lanczos(op, which="LA,SA", tol=1e-10, seed=0)
         np.testing.assert_allclose([res.largest.values[0], res.smallest.values[0]], [lam[-1], lam[0]], rtol=1e-8)
-    finally:
-        group.shutdown()
 
 
-def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap():
+def test_sharded_basis_memory_per_worker_within_its_share_of_the_cap(groups):
     """Two million parameters on two workers: each holds half of every basis vector, never more
     than max_basis of them."""
     from .test_basis import Wide, wide_data
-    group = WorkerGroup(OperatorSpec(model=Wide, data=wide_data, batch_size=32,
-                                     mode="double-backward"), 2, collective_timeout_s=60)
-    try:
+    with respecced(groups[2], OperatorSpec(model=Wide, data=wide_data, batch_size=32, mode="double-backward")) as group:
         op = DistributedOperator(group)
         res = lanczos(op, which="LA,SA", k=1, tol=1e-3, seed=0, max_basis=12, max_hvps=40)
         assert res.restarts > 0 and 0 < res.basis_peak_bytes <= 12 * -(-op.n // 2) * 8
-    finally:
-        group.shutdown()

@@ -1,6 +1,8 @@
 """What the worker tests share: a small real problem (the BatchNorm CNN on 121 digits, strided
 into shards), its operator spec and its in-process operator. Worker processes import these
 functions by reference (the tests' Ray clusters ship this folder)."""
+import contextlib
+
 import torch
 
 from hessdist.curvature import CurvatureOperator
@@ -30,3 +32,13 @@ def spec(curvature="hessian", data=data_factory, model=helpers.cnn_bn, dtype="fl
 def in_process(curvature="hessian"):
     return CurvatureOperator(helpers.cnn_bn(), "cross_entropy", data_factory(), curvature=curvature,
                              batch_size=32, dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def respecced(group, other: OperatorSpec):
+    """``group``'s workers rebuilt for ``other`` (no new processes), then back to :func:`spec`."""
+    group.respec(other)
+    try:
+        yield group
+    finally:
+        group.respec(spec())

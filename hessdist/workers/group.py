@@ -220,6 +220,23 @@ class WorkerGroup:
         finally:
             self._rebuilt_at.append(time.monotonic())
 
+    def respec(self, spec: OperatorSpec) -> None:
+        """Rebuild every rank's operator from ``spec`` in the running workers: another model, data,
+        curvature or precision without starting new ones (a worker's start — imports, CUDA
+        context, process group — costs seconds; building an operator, little). The parameters
+        sent before and any sharded basis are dropped; operators made on this group before
+        describe the old spec. When a rank fails to build it, the group is rebuilt on the old
+        spec (a rank that did build may wait in a collective for the one that failed) and the
+        error is raised."""
+        old = self.spec, self._worker_spec, self._state_ref
+        self.spec, self._worker_spec, self._state_ref = spec, spec.split_for(self.size), None
+        try:
+            self.n, self.n_samples = self.run("respec", self._worker_spec)[0]
+        except Exception as exc:
+            self.spec, self._worker_spec, self._state_ref = old
+            self.rebuild(f"respec failed: {exc}")
+            raise
+
     def _start(self) -> str | None:
         """Start ``size`` workers, or, when the cluster cannot hold them, as many as its live nodes
         hold down to ``min_workers`` (the data re-sharded over them). Returns what was shrunk."""

@@ -139,11 +139,17 @@ class CurvatureWorker:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": self.device} if cuda else {}))
-        self.rank = rank
-        self.op = self.spec.build(rank, world_size, self.device, reducer=all_reduce_sum,
-                                  agree=agree_across_ranks(self.device))
+        self.rank, self.world_size = rank, world_size
+        return self.respec(self.spec)
+
+    def respec(self, spec: OperatorSpec) -> tuple[int, int]:
+        """Build this rank's operator from ``spec`` in the process group it joined (its views and
+        basis slice dropped). Returns (n parameters, total samples over all ranks)."""
+        op = spec.build(self.rank, self.world_size, self.device, reducer=all_reduce_sum,
+                        agree=agree_across_ranks(self.device))
+        self.spec, self.op, self.basis, self.basis_id = spec, op, None, None
         self.views: dict[tuple[float, str], CurvatureOperator] = {}
-        return self.op.n, self.op.n_samples
+        return op.n, op.n_samples
 
     def _op(self, fraction: float = 1.0, curvature: str | None = None) -> CurvatureOperator:
         """The operator over a fraction of this shard, spread evenly over it, in the spec's or
