@@ -57,7 +57,7 @@ def test_a_death_inside_a_collective_recovers_in_seconds(tmp_path):
     import time
     marker = str(tmp_path / "slow")
     group = WorkerGroup(spec(model=functools.partial(helpers.slow_cnn_bn, while_exists=marker), data=lopsided_data),
-                        3, collective_timeout_s=300)
+                        2, collective_timeout_s=300)
     try:
         op = DistributedOperator(group)
         killed = []
