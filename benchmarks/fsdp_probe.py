@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import socket
-import time
 
 import numpy as np
 import torch
@@ -36,7 +34,17 @@ from hessdist.models import digits_cnn, digits_mlp
 
 from .common import best_of, write
 
-MODELS = {"digits MLP": lambda: digits_mlp().double(), "digits CNN+BN": lambda: digits_cnn().double().eval()}
+def tanh_cnn() -> torch.nn.Module:
+    """The BatchNorm CNN with its ReLUs replaced by tanh: the same layers without kinks."""
+    model = digits_cnn().double().eval()
+    for i, layer in enumerate(model):
+        if isinstance(layer, torch.nn.ReLU):
+            model[i] = torch.nn.Tanh()
+    return model
+
+
+MODELS = {"digits MLP": lambda: digits_mlp().double(), "digits CNN+BN": lambda: digits_cnn().double().eval(),
+          "digits CNN+BN, tanh": tanh_cnn}
 STEPS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
