@@ -17,13 +17,8 @@ def cmd_density(args: argparse.Namespace) -> int:
         progress = None if args.quiet else (lambda i: say(f"probe {i['probe']}/{i['probes']}: {i['hvps']} products, "
                                                           f"{i['seconds']:.1f}s"))
         d = slq(op, probes=args.probes, steps=args.steps, seed=args.seed, callback=progress)
-        grid, phi = d.density(sigma=args.sigma, points=args.points)
-        out = {"grid": grid.tolist(), "density": phi.tolist(), "sigma": args.sigma or d.default_sigma(),
-               "support": list(d.support), "moments": d.moments(3).tolist(), "probes": args.probes,
-               "nodes": [t.tolist() for t in d.nodes], "weights": [w.tolist() for w in d.weights],
-               "tridiagonals": [T.tolist() for T in d.tridiagonals], "hvps": d.hvps, "fpe": d.fpe,
-               "seconds": d.seconds}
-        write_png(args.png, lambda path: plot_density(grid, phi, path), say)
+        out = d.to_dict(sigma=args.sigma, points=args.points)
+        write_png(args.png, lambda path: plot_density(np.array(out["grid"]), np.array(out["density"]), path), say)
         table = (f"spectral density from {args.probes} probes × {args.steps} steps: support "
                  f"[{d.support[0]:.6g}, {d.support[1]:.6g}], trace/n ≈ {out['moments'][1]:.6g}, "
                  f"σ = {out['sigma']:.3g}")

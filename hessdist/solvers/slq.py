@@ -89,6 +89,15 @@ class SpectralDensity:
             phi += (w[None, :] * np.exp(-0.5 * ((grid[:, None] - theta[None, :]) / sigma) ** 2)).sum(axis=1)
         return grid, phi / (len(self.nodes) * sigma * math.sqrt(2 * math.pi))
 
+    def to_dict(self, sigma: float | None = None, points: int = 1000) -> dict:
+        """The smoothed density on its default grid, with the quadrature rules it comes from."""
+        grid, phi = self.density(sigma=sigma, points=points)
+        return {"grid": grid.tolist(), "density": phi.tolist(), "sigma": sigma or self.default_sigma(),
+                "support": list(self.support), "moments": self.moments(3).tolist(), "probes": len(self.nodes),
+                "nodes": [t.tolist() for t in self.nodes], "weights": [w.tolist() for w in self.weights],
+                "tridiagonals": [T.tolist() for T in self.tridiagonals], "hvps": self.hvps, "fpe": self.fpe,
+                "seconds": self.seconds}
+
     def moments(self, powers: int = 4) -> np.ndarray:
         """Estimates of tr(A^p)/n for p = 0 … powers−1 (exact per probe while p < 2m)."""
         return np.array([np.mean([w @ t ** p for t, w in zip(self.nodes, self.weights)]) for p in range(powers)])
