@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import socket
+import time
 
 import numpy as np
 import torch
@@ -48,7 +49,12 @@ MODELS = {"digits MLP": lambda: digits_mlp().double(), "digits CNN+BN": lambda: 
 STEPS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
-def _rank(rank: int, world_size: int, port: int, name: str, v_full: np.ndarray, out: dict) -> None:
+def _sharded(rank: int, world_size: int, port: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+             n_total: int, per_layer: bool = False):
+    """Join the gloo group, shard ``model`` with fully_shard (each parameterised child its own
+    unit when ``per_layer``: FSDP2 then gathers one layer at a time), and return (params,
+    exact, difference): the sharded parameters, the exact product of a vector in shard layout,
+    and the central difference of FSDP2's gradients at a step h."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Partial, Replicate
@@ -57,29 +63,19 @@ def _rank(rank: int, world_size: int, port: int, name: str, v_full: np.ndarray, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     mesh = init_device_mesh("cpu", (world_size,))
-    x, y = digits(rank, world_size)
-    x, n_total = x.double(), len(digits()[0])
-    model = MODELS[name]()
     skeleton = copy.deepcopy(model)
+    if per_layer:
+        for child in model:
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    model.set_gradient_divide_factor(1.0)                 # a sum over ranks: each rank's loss is its share
+    for unit in model.modules():
+        if hasattr(unit, "set_gradient_divide_factor"):
+            unit.set_gradient_divide_factor(1.0)          # a sum over ranks: each rank's loss is its share
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
 
-    def shards(flat: np.ndarray) -> list[torch.Tensor]:
-        """This rank's dim-0 shard of every parameter of a full flat vector."""
-        out, at = [], 0
-        for p in params:
-            full = torch.from_numpy(flat[at:at + p.numel()]).reshape(p.shape)
-            at += p.numel()
-            local = p.to_local()
-            rows = -(-p.shape[0] // world_size)
-            out.append(full[rank * rows: rank * rows + local.shape[0]].clone())
-        return out
-
-    v = shards(v_full)
-
-    def exact() -> list[torch.Tensor]:
+    def exact(v: list[torch.Tensor]) -> list[torch.Tensor]:
         leaves = [p.detach().requires_grad_() for p in params]
         full = [p.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()]) for p in leaves]
         loss = F.cross_entropy(functional_call(skeleton, dict(zip(names, full)), (x,)), y, reduction="sum") / n_total
@@ -92,30 +88,120 @@ def _rank(rank: int, world_size: int, port: int, name: str, v_full: np.ndarray, 
         (F.cross_entropy(model(x), y, reduction="sum") / n_total).backward()
         return [p.grad.to_local().clone() for p in params]
 
-    def shift(h: float) -> None:
+    def shift(v: list[torch.Tensor], h: float) -> None:
         with torch.no_grad():
             for p, vi in zip(params, v):
                 p.to_local().add_(vi, alpha=h)
 
-    def difference(h: float) -> list[torch.Tensor]:
-        shift(h)
+    def difference(v: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        shift(v, h)
         plus = gradient()
-        shift(-2 * h)
+        shift(v, -2 * h)
         minus = gradient()
-        shift(h)
+        shift(v, h)
         return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
 
+    return params, exact, difference
+
+
+def _shards(params, flat: np.ndarray, rank: int, world_size: int) -> list[torch.Tensor]:
+    """This rank's dim-0 shard of every parameter of a full flat vector (fully_shard's chunks:
+    ⌈rows/W⌉ rows per rank, the last ones short or empty)."""
+    out, at = [], 0
+    for p in params:
+        full = torch.from_numpy(flat[at:at + p.numel()]).reshape(p.shape)
+        at += p.numel()
+        rows = -(-p.shape[0] // world_size)
+        out.append(full[rank * rows: rank * rows + p.to_local().shape[0]].clone())
+    return out
+
+
+def _rank(rank: int, world_size: int, port: int, name: str, v_full: np.ndarray, out: dict) -> None:
+    x, y = digits(rank, world_size)
+    params, exact, difference = _sharded(rank, world_size, port, MODELS[name](), x.double(), y, len(digits()[0]))
+    v = _shards(params, v_full, rank, world_size)
     theta_sq = sum(float((p.to_local().detach() ** 2).sum()) for p in params)
     v_sq = sum(float((vi ** 2).sum()) for vi in v)
     sums = torch.tensor([theta_sq, v_sq], dtype=torch.float64)
     dist.all_reduce(sums)
     scale = float(sums[0].sqrt() / sums[1].sqrt())
     arrays = lambda parts: [t.numpy() for t in parts]
-    out[rank] = {"exact": arrays(exact()), "exact_s": best_of(exact, 3),
-                 "fd": {s: (arrays(difference(s * scale)), arrays(difference(2 * s * scale))) for s in STEPS},
-                 "fd_s": best_of(lambda: difference(1e-4 * scale), 3),
+    out[rank] = {"exact": arrays(exact(v)), "exact_s": best_of(lambda: exact(v), 3),
+                 "fd": {s: (arrays(difference(v, s * scale)), arrays(difference(v, 2 * s * scale))) for s in STEPS},
+                 "fd_s": best_of(lambda: difference(v, 1e-4 * scale), 3),
                  "param_bytes": sum(p.to_local().numel() * p.to_local().element_size() for p in params)}
     dist.destroy_process_group()
+
+
+def wide_mlp() -> torch.nn.Module:
+    """64 → 1024 ×4 → 10, tanh, float64: 3.2M parameters (25 MB) in four equal-sized layers, so
+    that parameter-sized memory shows above a process's own."""
+    torch.manual_seed(0)
+    layers, width = [torch.nn.Linear(64, 1024)], 1024
+    for _ in range(3):
+        layers += [torch.nn.Tanh(), torch.nn.Linear(width, width)]
+    return torch.nn.Sequential(*layers, torch.nn.Tanh(), torch.nn.Linear(width, 10)).double()
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2: small blocks plus mmapped
+    ones): what the process's tensors hold, unlike the resident set, which keeps freed pages."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def _peak_growth_during(fn) -> int:
+    """Bytes the heap in use grew by at its peak during ``fn()`` (sampled every 0.2 ms)."""
+    import threading
+    base, peak, done = _heap_in_use(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _heap_in_use())
+            time.sleep(2e-4)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0] - base
+
+
+def _memory_rank(rank: int, world_size: int, port: int, method: str, out: dict) -> None:
+    x, y = digits(rank, world_size)
+    x, y = x[:64 // world_size].double(), y[:64 // world_size]
+    params, exact, difference = _sharded(rank, world_size, port, wide_mlp(), x, y, 64, per_layer=True)
+    v = [torch.randn_like(p.to_local()) for p in params]
+    product = (lambda: exact(v)) if method == "exact" else (lambda: difference(v, 1e-4))
+    product()                                               # first call: lazy imports, buffers
+    grown = _peak_growth_during(product)
+    out[rank] = {"param_bytes": sum(p.to_local().numel() * 8 for p in params), "peak_growth_bytes": grown}
+    dist.destroy_process_group()
+
+
+def memory(ranks: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
+    """Per-rank peak memory growth of one product (heap in use, sampled) on the wide MLP,
+    exact and finite-difference, at each rank count: each in processes of its own."""
+    rows = []
+    for method in ("exact", "finite_difference"):
+        for w in ranks:
+            with mp.Manager() as manager:
+                out = manager.dict()
+                mp.spawn(_memory_rank, args=(w, _free_port(), method, out), nprocs=w)
+                got = [out[r] for r in range(w)]
+            rows.append({"method": method, "ranks": w, "param_bytes_per_rank": max(g["param_bytes"] for g in got),
+                         "product_peak_growth_bytes_per_rank": max(g["peak_growth_bytes"] for g in got)})
+    return rows
 
 
 def _free_port() -> int:
@@ -162,14 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default="2,4")
     args = ap.parse_args(argv)
     rows = [probe(name, int(w)) for name in MODELS for w in args.ranks.split(",")]
+    memory_rows = memory()
     for r in rows:
         best = min(r["finite_difference"].items(), key=lambda kv: kv[1]["relative_error"])
         print(f"{r['model']:>14} W={r['ranks']}: exact {r['exact_relative_error']:.1e}, finite difference best "
               f"{best[1]['relative_error']:.1e} at s={best[0]}; params/rank {max(r['param_bytes_per_rank'])} of "
               f"{r['param_bytes_replicated']} B; time exact/replicated {r['seconds_exact_over_replicated']:.2f}, "
               f"fd/replicated {r['seconds_fd_over_replicated']:.2f}")
-    write("fsdp_probe", {"backend": "gloo (CPU), float64, digits (1,797 samples)",
-                         "rows": rows})
+    mb = 1 / 2 ** 20
+    for r in memory_rows:
+        print(f"wide MLP, {r['method']:>17}, W={r['ranks']}: parameters {r['param_bytes_per_rank'] * mb:.1f} MB per rank, "
+              f"a product's peak growth {r['product_peak_growth_bytes_per_rank'] * mb:.1f} MB")
+    write("fsdp_probe", {"backend": "gloo (CPU), float64, digits (1,797 samples)", "rows": rows,
+                         "memory": {"model": "wide MLP 64-1024x4-10 tanh, float64, 3.2M parameters, 64 samples; "
+                                             "each parameterised layer its own fully_shard unit",
+                                    "how": "growth of the heap in use (glibc mallinfo2) at its peak during one "
+                                           "product (sampled every 0.2 ms), after a first product", "rows": memory_rows}})
     return 0
 
 
