@@ -29,7 +29,8 @@ from hessdist.examples import digits, digits_shifted
 from hessdist.curvature import CurvatureOperator
 from hessdist.models import digits_cnn, digits_mlp
 from hessdist.solvers.certify import DEFAULT_FRACTION, MIN_SUBSET_SAMPLES, angles, subset_fraction, subset_search
-from hessdist.solvers.lanczos import lanczos, warm_start_vector
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.starts import warm_start_vector
 
 from .common import merged_rows, write
 from .warm_start import train_epochs

@@ -20,7 +20,8 @@ from torch import nn
 from hessdist.examples import cifar10, digits
 from hessdist.curvature import CurvatureOperator
 from hessdist.models import ResNet, digits_cnn
-from hessdist.solvers.lanczos import lanczos, warm_start_vector
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.starts import warm_start_vector
 
 from .common import merged_rows, write
 

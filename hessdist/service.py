@@ -35,7 +35,7 @@ import torch
 from .errors import HessdistError, InputError, QueueFull, Superseded, WorkerError
 from .history import History, filesystem, parameters_digest, plain
 from .solvers.certify import solve_step
-from .solvers.lanczos import draw_seed
+from .solvers.starts import draw_seed
 from .solvers.ritz import Accuracy, Rtol, parse_which
 from .workers import DistributedOperator, OperatorSpec, WorkerGroup
 

@@ -13,7 +13,8 @@ from hessdist.errors import InputError
 from hessdist.examples import digits_shifted
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.certify import solve, subset_fraction, subset_search
-from hessdist.solvers.lanczos import lanczos, warm_start_vector
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.starts import warm_start_vector
 from hessdist.solvers.ritz import Accuracy
 
 from .helpers import DenseOperator, dense_ggn_cross_entropy, dense_hessian, digits_subset, mlp, reference, \

@@ -7,7 +7,8 @@ import torch
 
 from hessdist.errors import InputError
 from hessdist.curvature import CurvatureOperator
-from hessdist.solvers.lanczos import WarmStart, lanczos
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.starts import WarmStart
 
 from .helpers import MODELS, dense_hessian, digits_subset, reference, trained_digits_mlp
 

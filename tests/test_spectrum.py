@@ -12,7 +12,8 @@ from hessdist.errors import InputError
 from hessdist.curvature import CurvatureOperator
 from hessdist.solvers.certify import subset_search
 from hessdist.solvers.ritz import rayleigh_ritz
-from hessdist.solvers.lanczos import lanczos, warm_start_vector
+from hessdist.solvers.lanczos import lanczos
+from hessdist.solvers.starts import warm_start_vector
 from hessdist.solvers.slq import slq
 from hessdist.solvers.trace import hutchinson, hutchpp
 

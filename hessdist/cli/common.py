@@ -23,7 +23,7 @@ from ..examples import EXAMPLES, cifar10_dir, get_example
 from ..imports import module_root, resolve
 from ..objective import BatchLoss
 from ..params import load_state
-from ..solvers.lanczos import draw_seed
+from ..solvers.starts import draw_seed
 
 @dataclass
 class Job:

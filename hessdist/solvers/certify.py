@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..operator import Operator
-from .lanczos import lanczos, warm_start_vector
+from .lanczos import lanczos
+from .starts import warm_start_vector
 from .results import END_NAMES, EigenResult
 from .ritz import parse_which
 

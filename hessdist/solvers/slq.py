@@ -20,7 +20,7 @@ from scipy import stats
 from ..errors import InputError
 from ..basis import BasisLost, KrylovBasis
 from ..operator import Operator
-from .lanczos import draw_seed
+from .starts import draw_seed
 
 Progress = Callable[[dict], None]
 

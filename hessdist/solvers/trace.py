@@ -18,7 +18,7 @@ from scipy import stats
 from ..errors import InputError
 from ..operator import Operator
 from ..basis import HOST_BASIS_BYTES
-from .lanczos import draw_seed
+from .starts import draw_seed
 
 
 @dataclass(frozen=True)
