@@ -5,7 +5,7 @@ float32 products, confirmations counted) four ways:
 
 * ``cold``: a random start;
 * ``warm``: hessdist's warm start (the sum of the previous epoch's *warm-solved* eigenvectors
-  plus a random part of equal weight, :class:`~hessdist.solvers.lanczos.WarmStart`), chained
+  plus a random part of equal weight, :class:`~hessdist.solvers.starts.WarmStart`), chained
   epoch to epoch as the eigen-service chains it, certified as a cold start is: it waits for
   the random part's far side;
 * ``warm_unchecked``: the same start vector given as a plain ``v0`` (no far side waited for),
@@ -65,7 +65,8 @@ from hessdist.curvature import CurvatureOperator
 from hessdist.examples import digits_images
 from hessdist.models import resnet_small_cifar
 from hessdist.solvers.certify import subset_search
-from hessdist.solvers.lanczos import RitzState, lanczos, warm_start_vector
+from hessdist.solvers.lanczos import RitzState, lanczos
+from hessdist.solvers.starts import warm_start_vector
 
 from .common import RESULTS, write
 from .epochs import RTOL
