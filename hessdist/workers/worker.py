@@ -143,13 +143,15 @@ class CurvatureWorker:
         return self.respec(self.spec)
 
     def respec(self, spec: OperatorSpec) -> tuple[int, int]:
-        """Build this rank's operator from ``spec`` in the process group it joined (its views and
-        basis slice dropped). Returns (n parameters, total samples over all ranks)."""
-        op = spec.build(self.rank, self.world_size, self.device, reducer=all_reduce_sum,
-                        agree=agree_across_ranks(self.device))
-        self.spec, self.op, self.basis, self.basis_id = spec, op, None, None
+        """Build this rank's operator from ``spec`` in the process group it joined. The old one, its
+        views and basis slice go first (a device need not hold two models); a build that fails
+        leaves none, and the group rebuilds. Returns (n parameters, total samples over all ranks)."""
+        self.op, self.basis, self.basis_id = None, None, None
         self.views: dict[tuple[float, str], CurvatureOperator] = {}
-        return op.n, op.n_samples
+        self.op = spec.build(self.rank, self.world_size, self.device, reducer=all_reduce_sum,
+                             agree=agree_across_ranks(self.device))
+        self.spec = spec
+        return self.op.n, self.op.n_samples
 
     def _op(self, fraction: float = 1.0, curvature: str | None = None) -> CurvatureOperator:
         """The operator over a fraction of this shard, spread evenly over it, in the spec's or
