@@ -9,8 +9,12 @@ product, before hessdist builds on it (issue 26): on real gloo process groups of
   result arrives reduce-scattered, in shard layout. Needs every parameter gathered for the
   product's lifetime (its graph holds them).
 * ``finite_difference``: (∇f(θ + hv) − ∇f(θ − hv)) / 2h from FSDP2's own forward/backward
-  (one layer's parameters gathered at a time, gradients reduce-scattered), h = s·‖θ‖/‖v‖ for
-  several s, with the estimate a second step (2h) gives (|D_h − D_2h| / 3, Richardson).
+  (gradients reduce-scattered; with each layer its own ``fully_shard`` unit, as in the memory
+  rows, one layer's parameters gathered at a time), h = s·‖θ‖/‖v‖ for several s, with the
+  estimate a second step (2h) gives (|D_h − D_2h| / 3, Richardson).
+* ``exact_regathered`` (memory rows only): ``exact`` with each layer gathering its parameters
+  when it runs, and saved-tensor hooks that store a token for a gathered parameter and gather it
+  again on unpack; checked equal to ``exact``.
 
 Both against the replicated in-process float64 product (``CurvatureOperator``, itself tested
 against the dense Hessian), and timed against it (CPU, ratio). Parameter bytes per rank: what
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import socket
 import time
 
 import numpy as np
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from hessdist.curvature import CurvatureOperator
 from hessdist.examples import digits
 from hessdist.models import digits_cnn, digits_mlp
+from hessdist.workers.worker import free_port
 
 from .common import best_of, write
 
@@ -262,19 +266,13 @@ def memory(ranks: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
         for w in ranks:
             with mp.Manager() as manager:
                 out = manager.dict()
-                mp.spawn(_memory_rank, args=(w, _free_port(), method, out), nprocs=w)
+                mp.spawn(_memory_rank, args=(w, free_port(), method, out), nprocs=w)
                 got = [out[r] for r in range(w)]
             rows.append({"method": method, "ranks": w, "param_bytes_per_rank": max(g["param_bytes"] for g in got),
                          "product_peak_growth_bytes_per_rank": max(g["peak_growth_bytes"] for g in got),
                          "relative_difference_from_exact": None if method != "exact_regathered" else
                          max(g["relative_difference_from_exact"] for g in got)})
     return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe(name: str, world_size: int) -> dict:
@@ -287,7 +285,7 @@ def probe(name: str, world_size: int) -> dict:
     replicated_s = best_of(lambda: local.matvec(v), 3)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(world_size, _free_port(), name, v, out), nprocs=world_size)
+        mp.spawn(_rank, args=(world_size, free_port(), name, v, out), nprocs=world_size)
         ranks = [out[r] for r in range(world_size)]
 
     def full(per_rank: list[list[np.ndarray]]) -> np.ndarray:

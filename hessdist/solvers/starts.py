@@ -74,9 +74,9 @@ def warm_start_vector(previous: Mapping[str, np.ndarray], n: int, seed: int | No
     not the block of them, which pays a product per column per step (benchmarks/warm_start.json,
     measured before warm starts waited for their far side). For k = 1 at the per-epoch contract
     the far side decides the cost, so a certified warm start costs about what a cold one does
-    (benchmarks/warm_chain.json: a median of 28 FPE against 26); it saves where the residuals of more pairs decide (k = 5:
-    tests/test_spectrum.py). ``seed``: the lanczos seed of the run it starts (the noise is
-    drawn independently of it)."""
+    (benchmarks/warm_chain.json: a median of 28 FPE against 26); it saves where the residuals
+    of more pairs decide (k = 5: tests/test_spectrum.py). ``seed``: the lanczos seed of the run
+    it starts (the noise is drawn independently of it)."""
     columns = [v for block in previous.values() for v in np.asarray(block, dtype=np.float64).T]
     if not columns or any(c.shape != (n,) for c in columns):
         return None
