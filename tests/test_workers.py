@@ -103,15 +103,19 @@ def test_lopsided_shards_do_not_hang_and_weight_by_sample(groups, workers):
 
 
 def test_respec_builds_another_problem_in_the_same_workers(groups):
-    """A group respecced for the GGN computes the GGN's products in the same processes; a spec
-    that a worker cannot build raises its error and leaves the group rebuilt on the old spec."""
+    """A group respecced for another model's GGN computes that model's GGN products in the same
+    processes; a spec that a worker cannot build raises its error and leaves the group rebuilt
+    on the old spec."""
     group = groups[1]
     pids = [p["pid"] for p in group.placements]
     V = np.random.default_rng(2).standard_normal((group.n, 2))
-    with respecced(group, spec("ggn")):
-        assert group.spec.curvature == "ggn" and [p["pid"] for p in group.placements] == pids
-        ref = in_process("ggn").matmat(V)
-        np.testing.assert_allclose(DistributedOperator(group).matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    with respecced(group, spec("ggn", model=helpers.mlp)):
+        other = CurvatureOperator(helpers.mlp(), "cross_entropy", data_factory(), curvature="ggn", batch_size=32,
+                                  dtype=torch.float64)
+        assert group.n == other.n != V.shape[0] and [p["pid"] for p in group.placements] == pids
+        W = np.random.default_rng(3).standard_normal((other.n, 2))
+        ref = other.matmat(W)
+        np.testing.assert_allclose(DistributedOperator(group).matmat(W), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     with pytest.raises(InputError, match="on rank 0: cannot import module 'not_a_module'"):
         group.respec(spec(model="not_a_module:make"))
     assert group.replacements[-1].startswith("respec failed") and group.spec == spec()
